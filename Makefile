@@ -1,0 +1,31 @@
+# Two commands for a new machine: `make demo` (the main job end to end) and `make test`.
+# Both set up the virtual environment first; a second run skips what is already installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sslpipe-installed
+
+.PHONY: setup demo test test-all clean-runs
+
+setup: $(STAMP)
+
+# Reinstalls when pyproject.toml changes. torch is left for pip to pair with the registry's
+# torchvision (a CUDA build that also runs on CPU); see README "Set-up".
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "import torch, torchvision, timm, ray, webdataset, sklearn; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| ray', ray.__version__, '| webdataset', webdataset.__version__)"
+	touch $@
+
+demo: setup
+	$(BIN)/sslpipe demo --config configs/rotation_fmnist.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs exports

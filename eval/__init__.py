@@ -1,0 +1,1 @@
+"""sslpipe evaluation: frozen features, kNN, linear probe, export and reports (never imports pretext)."""

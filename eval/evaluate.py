@@ -1,0 +1,89 @@
+"""`sslpipe eval`: frozen features of a checkpoint's backbone against raw pixels and a random-init
+backbone of the same architecture, scored by weighted kNN and a linear probe on the test split."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eval.features import Features, extract_features
+from eval.knn import knn_accuracy
+from eval.linear_probe import linear_probe
+from eval.report import write_results
+from pipeline.backbone import create_backbone
+from pipeline.checkpoint import encoder_state, find_checkpoint, load_checkpoint
+from pipeline.config import Config
+from pipeline.data import check_urls, decoder_for
+from pipeline.shards import read_manifest, split_urls
+
+log = logging.getLogger("sslpipe.eval")
+
+
+def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Config, nn.Module, dict]:
+    """The run's config and its pretrained backbone, rebuilt with timm (no pretext code involved)."""
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    if data_root:
+        cfg.data.root = data_root
+    backbone = create_backbone(cfg.model, state["manifest"]["channels"])
+    backbone.load_state_dict(encoder_state(state), strict=True)
+    return cfg, backbone, state
+
+
+def score(train: Features, test: Features, cfg: Config) -> dict:
+    if (train.labels < 0).any() or (test.labels < 0).any():
+        raise ValueError("evaluation needs labels on every train and test sample (.cls entries in the shards)")
+    result = {"dim": int(train.features.shape[1]), "knn": {}}
+    for k in cfg.eval.knn_k:
+        result["knn"][str(k)] = knn_accuracy(train.features, train.labels, test.features, test.labels, k, cfg.eval.knn_temperature)
+    probe = linear_probe(train.features, train.labels, test.features, test.labels, cfg.eval.linear_C, cfg.eval.linear_val_fraction)
+    result.update(linear=probe.accuracy, linear_C=probe.best_C, linear_val_accuracy={str(c): a for c, a in probe.val_accuracy.items()})
+    return result
+
+
+def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None) -> dict:
+    """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png."""
+    start = time.perf_counter()
+    checkpoint = find_checkpoint(path)
+    cfg, pretrained, state = load_pretrained(checkpoint, data_root)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = read_manifest(cfg.data.root)
+    decoder = decoder_for(manifest, cfg.data.train_split, state["manifest"]["image_size"], require_label=True)
+    splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
+
+    models: dict[str, nn.Module | None] = {}
+    if "raw_pixels" in cfg.eval.baselines:
+        models["raw_pixels"] = None
+    if "random_init" in cfg.eval.baselines:
+        torch.manual_seed(cfg.train.seed)
+        models["random_init"] = create_backbone(cfg.model, state["manifest"]["channels"])
+    models["pretrained"] = pretrained
+
+    rows = {}
+    for name, model in models.items():
+        features = {
+            split: extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
+                                    desc=f"{name} {split}", total=manifest["splits"][split]["count"])
+            for split, urls in splits.items()
+        }
+        rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
+        log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "linear_val_accuracy"})
+
+    results = {
+        "checkpoint": str(checkpoint),
+        "task": cfg.task.name,
+        "backbone": cfg.model.backbone,
+        "dataset": manifest["name"],
+        "step": state["step"],
+        "knn_k": cfg.eval.knn_k,
+        "knn_temperature": cfg.eval.knn_temperature,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    write_results(results, out)
+    log.info("wrote %s", out / "results.md")
+    return results

@@ -1,0 +1,69 @@
+"""`sslpipe export`: frozen features (.npy + keys + labels) and backbone weights as safetensors.
+
+The weights keep timm's key names, so
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0, in_chans=C)`
+loads them directly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from eval.evaluate import load_pretrained
+from eval.features import extract_features
+from pipeline.checkpoint import find_checkpoint
+from pipeline.data import check_urls, decoder_for
+from pipeline.shards import read_manifest, split_urls
+
+
+def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
+    cfg, backbone, state = load_pretrained(path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    info = state["manifest"]
+    metadata = {
+        "backbone": cfg.model.backbone,
+        "backbone_kwargs": json.dumps(cfg.model.backbone_kwargs),
+        "in_chans": str(info["channels"]),
+        "image_size": str(info["image_size"]),
+        "mean": json.dumps(info["mean"]),
+        "std": json.dumps(info["std"]),
+        "task": cfg.task.name,
+        "step": str(state["step"]),
+    }
+    file = out_dir / "backbone.safetensors"
+    save_file(weights, str(file), metadata=metadata)
+    usage = {
+        "model_name": cfg.model.backbone,
+        "create_model_kwargs": {"pretrained": True, "num_classes": 0, "in_chans": info["channels"], **cfg.model.backbone_kwargs},
+        "pretrained_cfg_overlay": {"file": str(file.resolve()), "mean": info["mean"], "std": info["std"],
+                                   "input_size": [info["channels"], info["image_size"], info["image_size"]]},
+    }
+    (out_dir / "backbone.json").write_text(json.dumps(usage, indent=2))
+    return file
+
+
+def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | None = None, device: str | None = None,
+                    data_root: str | None = None) -> dict[str, int]:
+    """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
+    cfg, backbone, state = load_pretrained(find_checkpoint(path), data_root)
+    manifest = read_manifest(cfg.data.root)
+    decoder = decoder_for(manifest, cfg.data.train_split, state["manifest"]["image_size"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in splits or list(manifest["splits"]):
+        urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
+        features = extract_features(backbone, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
+                                    desc=f"export {split}", total=manifest["splits"][split]["count"])
+        np.save(out_dir / f"{split}_features.npy", features.features.numpy())
+        np.save(out_dir / f"{split}_labels.npy", features.labels.numpy())
+        (out_dir / f"{split}_keys.txt").write_text("\n".join(features.keys) + "\n")
+        counts[split] = len(features.keys)
+    return counts

@@ -1,0 +1,81 @@
+"""Linear probe: multinomial logistic regression on standardized frozen features.
+
+The L2 strength is chosen on a held-out part of the training set (never on test), then the probe
+is refit on the whole training set. The objective is scikit-learn's LogisticRegression objective,
+`C * sum_i CE_i + 0.5 * ||W||^2` (bias not penalized), minimized full-batch with L-BFGS in torch,
+which is much faster than scikit-learn's solvers on 60k x 512 features with two cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ProbeResult:
+    accuracy: float  # on the test features
+    best_C: float
+    val_accuracy: dict[float, float]  # held-out accuracy per C
+
+
+class Standardizer:
+    def __init__(self, features: Tensor):
+        self.mean = features.mean(0)
+        self.std = features.std(0).clamp_min(1e-6)
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return (features - self.mean) / self.std
+
+
+def fit_logistic_regression(features: Tensor, labels: Tensor, C: float, num_classes: int, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """Weights (D, K) and bias (K,) minimizing C * sum CE + 0.5 ||W||^2."""
+    features = features.double()
+    n, d = features.shape
+    weight = torch.zeros(d, num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
+                                  tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        # Divided by C * n so the scale of the loss does not depend on the data size.
+        loss = F.cross_entropy(features @ weight + bias, labels, reduction="mean") + (weight**2).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def predict(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return (features.double() @ weight + bias).argmax(1)
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    Cs: list[float],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> ProbeResult:
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(len(order) * val_fraction))
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+    scale = Standardizer(train_features[fit_idx])
+    val_accuracy = {}
+    for C in Cs:
+        weight, bias = fit_logistic_regression(scale(train_features[fit_idx]), train_labels[fit_idx], C, num_classes)
+        predicted = predict(scale(train_features[val_idx]), weight, bias)
+        val_accuracy[C] = float((predicted == train_labels[val_idx]).float().mean())
+    best_C = max(Cs, key=lambda C: (val_accuracy[C], -C))  # ties: the stronger regularization
+    scale = Standardizer(train_features)
+    weight, bias = fit_logistic_regression(scale(train_features), train_labels, best_C, num_classes)
+    accuracy = float((predict(scale(test_features), weight, bias) == test_labels).float().mean())
+    return ProbeResult(accuracy, best_C, val_accuracy)

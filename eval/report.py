@@ -1,0 +1,52 @@
+"""Results as JSON, a Markdown table, and PNG plots (training curves, accuracy bars)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROW_NAMES = {"raw_pixels": "raw pixels", "random_init": "random-init backbone", "pretrained": "pretrained backbone"}
+
+
+def markdown_table(results: dict) -> str:
+    ks = results["knn_k"]
+    header = "| features | dim | " + " | ".join(f"kNN top-1 (k={k})" for k in ks) + " | linear top-1 |"
+    lines = [header, "|" + "---|" * (3 + len(ks))]
+    for name, row in results["rows"].items():
+        knn = " | ".join(f"{100 * row['knn'][str(k)]:.2f}" for k in ks)
+        lines.append(f"| {ROW_NAMES.get(name, name)} | {row['dim']} | {knn} | {100 * row['linear']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    json_path.write_text(json.dumps(results, indent=2))
+    title = f"# {results['task']} on {results['dataset']} ({results['backbone']}, step {results['step']})\n\n"
+    md_path.write_text(title + markdown_table(results) + "\n")
+    plot_results(results, out_dir / "results.png")
+    return json_path, md_path
+
+
+def plot_results(results: dict, path: Path) -> Path:
+    rows = results["rows"]
+    columns = [f"kNN k={k}" for k in results["knn_k"]] + ["linear"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(rows)
+    for i, (name, row) in enumerate(rows.items()):
+        values = [100 * row["knn"][str(k)] for k in results["knn_k"]] + [100 * row["linear"]]
+        bars = ax.bar([c + i * width for c in range(len(columns))], values, width, label=ROW_NAMES.get(name, name))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(columns))], columns)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['task']} / {results['backbone']} on {results['dataset']}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

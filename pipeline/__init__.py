@@ -1,0 +1,1 @@
+"""sslpipe pipeline: data, shards, training loop, Ray launch, configuration and CLI."""

@@ -1,0 +1,89 @@
+"""Checkpoints: one directory holding `checkpoint.pt` (task, optimizers, schedulers, scaler, step,
+config) and `meta.json` (step and names, readable without loading tensors).
+
+Loading always uses `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain
+containers only, so opening one never runs code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message names the file."""
+
+
+def write_checkpoint(state: dict, directory: Path) -> Path:
+    """Writes into `directory` (created). Files are written under temporary names, then renamed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (CHECKPOINT_FILE + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    meta = {"step": state["step"], "task": state["config"]["task"]["name"], "backbone": state["config"]["model"]["backbone"]}
+    (directory / (META_FILE + ".partial")).write_text(json.dumps(meta))
+    os.replace(directory / (META_FILE + ".partial"), directory / META_FILE)
+    return directory
+
+
+def write_local_checkpoint(state: dict, checkpoints_dir: Path, keep: int) -> Path:
+    """Single-process runs: `checkpoints_dir/step_000100`, written whole before it appears, last `keep` kept."""
+    final = checkpoints_dir / f"step_{state['step']:08d}"
+    tmp = checkpoints_dir / f".tmp_step_{state['step']:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(state, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(checkpoints_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_step(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / META_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file for a checkpoint file, a checkpoint directory or a run directory (latest step)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    candidates = [p.parent for p in path.rglob(CHECKPOINT_FILE)]
+    if not candidates:
+        raise CheckpointError(f"no {CHECKPOINT_FILE} under {path}: did pretraining reach its first checkpoint?")
+    return max(candidates, key=lambda d: (checkpoint_step(d), d.stat().st_mtime)) / CHECKPOINT_FILE
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    file = find_checkpoint(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {file}: {err}") from err
+    missing = [key for key in ("task", "step", "config") if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {file} lacks {missing}: not an sslpipe checkpoint")
+    return state
+
+
+def encoder_state(state: dict) -> dict[str, torch.Tensor]:
+    """The backbone's weights with timm's own key names (tasks keep their backbone as `encoder`)."""
+    prefix = "encoder."
+    weights = {k[len(prefix) :]: v for k, v in state["task"].items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError("checkpoint holds no encoder.* weights")
+    return weights

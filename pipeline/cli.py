@@ -1,0 +1,200 @@
+"""The `sslpipe` command line: data, pretrain, eval, export, tasks, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+
+log = logging.getLogger("sslpipe")
+
+OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --optim.lr=0.05 --train.steps=2000), applied after --config"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sslpipe",
+        description="Self-supervised pretraining on WebDataset shards with Ray Train, then kNN / linear-probe evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="write a dataset as WebDataset shards plus manifest.json")
+    sources = data.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    fmnist = sources.add_parser("fashion-mnist", help="Fashion-MNIST idx .gz files -> train/test shards",
+                                description="Looks for the idx .gz files in --src, $FASHION_MNIST_DIR, "
+                                            "../shared/data/fashion-mnist, /usr/share/datasets/fashion-mnist (in that order).")
+    fmnist.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    fmnist.add_argument("--src", help="folder holding the four idx .gz files")
+    fmnist.add_argument("--samples-per-shard", type=int, default=5000)
+    folder = sources.add_parser("folder", help="an image tree (PATH/[train|val|test/]<class>/img) -> shards",
+                                description="Class-per-subfolder images; labels are optional (images directly in PATH). "
+                                            "Subfolders train/, val/, test/ become splits; otherwise everything is 'train'.")
+    folder.add_argument("path", help="root of the image tree")
+    folder.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    folder.add_argument("--mode", default="RGB", choices=["RGB", "L"], help="colour mode images are converted to when read")
+    folder.add_argument("--samples-per-shard", type=int, default=5000)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a backbone with a pretext task on Ray Train", epilog=OVERRIDE_HELP)
+    pretrain.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
+    pretrain.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (uses its config.yaml unless --config)")
+    add_scaling_flags(pretrain)
+
+    evaluate = commands.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint vs raw pixels and random init")
+    evaluate.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run directory (latest checkpoint) or checkpoint")
+    evaluate.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
+    evaluate.add_argument("--data-root", help="shard folder, if it moved since pretraining")
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    export = commands.add_parser("export", help="export features (.npy, keys, labels) and backbone weights (safetensors)")
+    export.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--splits", nargs="*", help="splits to extract features for (default: all)")
+    export.add_argument("--no-features", action="store_true", help="export the backbone weights only")
+    export.add_argument("--data-root", help="shard folder, if it moved since pretraining")
+    export.add_argument("--device")
+
+    commands.add_parser("tasks", help="list the registered pretext tasks and their options")
+
+    demo = commands.add_parser("demo", help="Fashion-MNIST end to end: shards, 2-worker Ray pretraining, eval, table", epilog=OVERRIDE_HELP)
+    demo.add_argument("--config", default="configs/rotation_fmnist.yaml")
+    demo.add_argument("--src", help="Fashion-MNIST folder (see `sslpipe data fashion-mnist --help`)")
+    add_scaling_flags(demo)
+    return parser
+
+
+def add_scaling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster address ('auto', host:port); default: $RAY_ADDRESS or an embedded local Ray")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers (scaling.num_workers)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (scaling.use_gpu=true)")
+
+
+def load_config(args, overrides: list[str]) -> Config:
+    path = args.config
+    if getattr(args, "resume", None) and not path:
+        path = Path(args.resume) / "config.yaml"
+    flags = []
+    if getattr(args, "resume", None):
+        flags.append(f"run_dir={Path(args.resume).resolve()}")
+    if args.address:
+        flags.append(f"scaling.address={args.address}")
+    if args.num_workers is not None:
+        flags.append(f"scaling.num_workers={args.num_workers}")
+    if args.gpu:
+        flags.append("scaling.use_gpu=true")
+    cfg = Config.load(path, [*overrides, *flags])
+    from pipeline.backbone import check_backbone
+
+    check_backbone(cfg.model)
+    return cfg
+
+
+def cmd_data(args) -> None:
+    from pipeline.ingest import write_fashion_mnist, write_image_folder
+
+    if args.source == "fashion-mnist":
+        manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard)
+    else:
+        manifest = write_image_folder(args.path, args.out, args.mode, args.samples_per_shard)
+    print(f"wrote {manifest}")
+
+
+def cmd_pretrain(args, overrides) -> Path:
+    from pipeline.launch import pretrain
+
+    cfg = load_config(args, overrides)
+    return pretrain(cfg, resume=args.resume)
+
+
+def cmd_eval(args) -> dict:
+    from eval.evaluate import evaluate
+    from eval.report import markdown_table
+
+    results = evaluate(args.path, args.out, args.data_root, args.device)
+    print(markdown_table(results))
+    return results
+
+
+def cmd_export(args) -> None:
+    from eval.export import export_backbone, export_features
+
+    file = export_backbone(args.path, args.out)
+    print(f"wrote {file}")
+    if not args.no_features:
+        counts = export_features(args.path, args.out, args.splits, args.device, args.data_root)
+        print(f"wrote features to {args.out}: {counts}")
+
+
+def cmd_tasks() -> None:
+    from pretext import TASKS, task_options
+
+    for name, cls in sorted(TASKS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+        for option, default in task_options(name).items():
+            print(f"{'':12s}   task.options.{option} (default {default!r})")
+
+
+def cmd_demo(args, overrides) -> None:
+    from eval.evaluate import evaluate
+    from eval.report import markdown_table
+    from pipeline.ingest import write_fashion_mnist
+    from pipeline.launch import pretrain
+    from pipeline.shards import MANIFEST
+
+    start = time.perf_counter()
+    args.resume = None
+    cfg = load_config(args, overrides)
+    if not (Path(cfg.data.root) / MANIFEST).is_file():
+        write_fashion_mnist(cfg.data.root, args.src)
+    data_done = time.perf_counter()
+    run_dir = pretrain(cfg)
+    train_done = time.perf_counter()
+    results = evaluate(run_dir)
+    end = time.perf_counter()
+    print()
+    print(f"## {results['task']} pretraining on {results['dataset']}: {cfg.model.backbone}, "
+          f"{cfg.scaling.num_workers} Ray workers, {results['step']} steps of {cfg.train.global_batch_size}")
+    print(markdown_table(results))
+    print(f"\nwall time: shards {data_done - start:.0f} s, pretraining {train_done - data_done:.0f} s, "
+          f"eval {end - train_done:.0f} s, total {end - start:.0f} s")
+    print(f"run directory: {run_dir} (config.yaml, metrics.jsonl/csv, training_curves.png, eval/results.*)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    accepts_overrides = args.command in ("pretrain", "demo")
+    bad = [item for item in rest if not (accepts_overrides and item.startswith("--") and "=" in item)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}" + ("" if not accepts_overrides else f" ({OVERRIDE_HELP})"))
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import ShardError
+    from pipeline.sources import DatasetNotFoundError
+
+    try:
+        if args.command == "data":
+            cmd_data(args)
+        elif args.command == "pretrain":
+            cmd_pretrain(args, rest)
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "export":
+            cmd_export(args)
+        elif args.command == "tasks":
+            cmd_tasks()
+        elif args.command == "demo":
+            cmd_demo(args, rest)
+    except (ConfigError, DatasetNotFoundError, ShardError, CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sslpipe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

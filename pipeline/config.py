@@ -1,0 +1,262 @@
+"""Typed run configuration: one dataclass tree, loaded from YAML, then command-line overrides.
+
+Every value a run uses is declared here with its default; unknown keys and values of the wrong type
+or outside their choices raise `ConfigError` naming the key, before any Ray worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/fashion-mnist"  # folder written by `sslpipe data ...` (holds manifest.json)
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = 0  # 0: the images' own size from the manifest; else resize to this square size
+    loader_workers: int = 1  # DataLoader processes per Ray worker; per-sample transforms run there
+    shuffle_buffer: int = 2000
+    allow_shell_urls: bool = False  # `pipe:` shard URLs run a shell command: opt in explicitly
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name; created with num_classes=0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+@dataclass
+class TaskConfig:
+    name: str = "rotation"  # a key of pretext.TASKS
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task's class
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # for a global batch of 256; scaled linearly with global_batch_size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 50
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in total (all workers step together)
+    global_batch_size: int = 256  # split evenly over workers
+    log_every: int = 20
+    checkpoint_every: int = 250  # also at the last step
+    keep_checkpoints: int = 2
+    amp: bool = True  # autocast + GradScaler, on CUDA only
+    seed: int = 0
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    address: str = ""  # "" : embedded local Ray (or $RAY_ADDRESS); "auto" or host:port joins a cluster
+    max_failures: int = 0
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    linear_C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # inverse L2 strengths tried
+    linear_val_fraction: float = 0.1  # held out of train to choose C; test is never used for choosing
+    batch_size: int = 512
+    loader_workers: int = 1
+    baselines: list[str] = field(default_factory=lambda: ["raw_pixels", "random_init"])
+
+
+@dataclass
+class Config:
+    run_dir: str = ""  # "" : runs/<task>-<timestamp>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        cfg = _build(cls, values, prefix="")
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "Config":
+        """Reads a YAML file (or starts from defaults), applies `key.sub=value` overrides, validates."""
+        values: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            values = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        for item in overrides:
+            apply_override(values, item)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def apply_override(values: dict, item: str) -> None:
+    """Applies one `--a.b=value` override in place; the value is parsed as YAML (`3e-4`, `[1,2]`, `true`)."""
+    item = item[2:] if item.startswith("--") else item
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _build(cls, values: Any, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {names}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _coerce(hints[name], values[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; choose from {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}={value!r} has the wrong type: {'; '.join(errors)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key} must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Checks values that types alone cannot, so bad runs fail before Ray starts."""
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.log_every": cfg.train.log_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "scaling.num_workers": cfg.scaling.num_workers,
+        "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
+        "eval.batch_size": cfg.eval.batch_size,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "data.image_size": cfg.data.image_size,
+        "data.loader_workers": cfg.data.loader_workers,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "scaling.max_failures": cfg.scaling.max_failures,
+        "eval.loader_workers": cfg.eval.loader_workers,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.global_batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by "
+            f"scaling.num_workers={cfg.scaling.num_workers}"
+        )
+    if not 0 < cfg.eval.linear_val_fraction < 1:
+        raise ConfigError(f"eval.linear_val_fraction must be in (0, 1), got {cfg.eval.linear_val_fraction}")
+    if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
+        raise ConfigError(f"eval.knn_k must list positive integers, got {cfg.eval.knn_k}")
+    if not cfg.eval.linear_C or min(cfg.eval.linear_C) <= 0:
+        raise ConfigError(f"eval.linear_C must list positive numbers, got {cfg.eval.linear_C}")
+    allowed = ["raw_pixels", "random_init"]
+    for name in cfg.eval.baselines:
+        if name not in allowed:
+            raise ConfigError(f"eval.baselines: unknown baseline {name!r}; choose from {allowed}")
+    if cfg.eval.knn_temperature <= 0:
+        raise ConfigError(f"eval.knn_temperature must be positive, got {cfg.eval.knn_temperature}")
+
+    # Imported here: the registry imports torch and timm, which config parsing alone does not need.
+    from pretext import TASKS, check_task_options
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name: unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
+    check_task_options(cfg.task.name, cfg.task.options)

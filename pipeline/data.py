@@ -1,0 +1,204 @@
+"""Streaming WebDataset shards into batches, split over Ray workers (ranks) and loader workers.
+
+Training streams each rank's own shards forever, reshuffled every pass; evaluation reads every
+sample exactly once (no resampling, disjoint shards per rank and loader worker, a partial last batch).
+Samples are decoded by `ImageDecoder`, which accepts image files and integer labels only, so
+nothing in a shard can run code (WebDataset's default decoders unpickle `.pyd` entries).
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+import webdataset as wds
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
+LABEL_EXTS = ("cls", "label")
+UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be read or holds a bad sample; the message names shard and key."""
+
+
+def check_urls(urls: list[str], allow_shell_urls: bool = False) -> list[str]:
+    if not urls:
+        raise ShardError("the shard list is empty")
+    for url in urls:
+        if url.startswith("pipe:") and not allow_shell_urls:
+            raise ShardError(f"shard URL {url!r} runs a shell command; pass --allow-shell-urls (data.allow_shell_urls=true) to allow it")
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+            raise ShardError(f"shard {url!r} does not exist")
+    return urls
+
+
+def worker_slot() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class EvalShards(torch.utils.data.IterableDataset):
+    """Every shard once: rank r takes urls[r::world], loader worker w takes every w-th of those."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_slot()
+        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
+            yield {"url": url}
+
+
+class TrainShards(torch.utils.data.IterableDataset):
+    """The rank's shards, endlessly, in a new order each pass (seeded by seed, rank and pass).
+
+    Loader workers split the rank's shards when there are enough to go round; otherwise each
+    worker reads all of them in its own order (the shuffle buffer mixes samples either way).
+    """
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, seed: int):
+        self.rank_urls = list(urls)[rank::world_size]
+        if not self.rank_urls:
+            raise ShardError(f"rank {rank} of {world_size} gets no shard: {len(urls)} shards for {world_size} workers")
+        self.rank, self.seed = rank, seed
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_slot()
+        urls = self.rank_urls
+        split = len(urls) >= num_workers
+        rng = random.Random(f"{self.seed}-{self.rank}-{0 if split else worker}")
+        epoch = 0
+        while True:
+            order = list(urls)
+            rng.shuffle(order)
+            for url in order[worker::num_workers] if split else order:
+                yield {"url": url}
+            epoch += 1
+
+
+def raise_with_shard(exn: Exception) -> bool:
+    """WebDataset error handler: re-raise naming the shard (WebDataset appends the URL to args)."""
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or "://" in a)), None)
+    raise ShardError(f"shard {url or '?'}: {exn.args[0] if exn.args else exn!r}") from exn
+
+
+class ImageDecoder:
+    """Decodes a raw sample into {"image": float (C, H, W) normalized, "label": int (-1: none), "key"}.
+
+    Only image bytes (through PIL) and integer labels are read; a sample holding pickled data is
+    rejected, never unpickled.
+    """
+
+    def __init__(self, mode: str, image_size: int, mean: list[float], std: list[float], require_label: bool = False):
+        self.mode, self.image_size, self.require_label = mode, image_size, require_label
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, sample: dict) -> dict:
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        unsafe = [ext for ext in sample if ext.split(".")[-1] in UNSAFE_EXTS]
+        if unsafe:
+            raise ShardError(f"shard {url}, key {key}: refusing pickled entry {unsafe[0]!r}; shards may hold images, labels and json only")
+        image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+        if image_ext is None:
+            raise ShardError(f"shard {url}, key {key}: no image (expected one of {list(IMAGE_EXTS)}, found {sorted(k for k in sample if not k.startswith('__'))})")
+        try:
+            with Image.open(io.BytesIO(sample[image_ext])) as img:
+                img = img.convert(self.mode)
+                if self.image_size and img.size != (self.image_size, self.image_size):
+                    img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+                pixels = np.asarray(img, dtype=np.uint8)
+        except Exception as err:
+            raise ShardError(f"shard {url}, key {key}: {image_ext} image does not decode ({err})") from err
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # (C, H, W)
+        label_ext = next((ext for ext in LABEL_EXTS if ext in sample), None)
+        if label_ext is None:
+            if self.require_label:
+                raise ShardError(f"shard {url}, key {key}: sample has no label (.cls) but labels are required here")
+            label = -1
+        else:
+            try:
+                label = int(sample[label_ext].decode().strip())
+            except ValueError as err:
+                raise ShardError(f"shard {url}, key {key}: label {sample[label_ext][:20]!r} is not an integer") from err
+        return {"image": (image - self.mean) / self.std, "label": label, "key": key}
+
+
+def eval_item(sample: dict) -> tuple[torch.Tensor, int, str]:
+    return sample["image"], sample["label"], sample["key"]
+
+
+def collate(items: list) -> tuple:
+    return torch.utils.data.default_collate(items)
+
+
+def make_loader(pipeline: wds.DataPipeline, loader_workers: int, pin_memory: bool) -> wds.WebLoader:
+    # batch_size=None: the pipeline batches itself, so workers hand over whole batches.
+    return wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=loader_workers,
+        pin_memory=pin_memory,
+        persistent_workers=loader_workers > 0,
+        prefetch_factor=4 if loader_workers > 0 else None,
+    )
+
+
+def train_loader(
+    urls: list[str],
+    rank: int,
+    world_size: int,
+    decoder: ImageDecoder,
+    transform: Callable[[dict], tuple],
+    batch_size: int,
+    shuffle_buffer: int,
+    loader_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> wds.WebLoader:
+    """An endless stream of collated `(inputs, target)` batches of `batch_size` for this rank."""
+    pipeline = wds.DataPipeline(
+        TrainShards(urls, rank, world_size, seed),
+        wds.tarfile_to_samples(handler=raise_with_shard),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank),
+        wds.map(decoder),
+        wds.map(transform),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    return make_loader(pipeline, loader_workers, pin_memory)
+
+
+def eval_loader(
+    urls: list[str],
+    rank: int,
+    world_size: int,
+    decoder: ImageDecoder,
+    batch_size: int,
+    loader_workers: int,
+    pin_memory: bool = False,
+) -> wds.WebLoader:
+    """Every sample of this rank's shards exactly once as `(images, labels, keys)` batches."""
+    pipeline = wds.DataPipeline(
+        EvalShards(urls, rank, world_size),
+        wds.tarfile_to_samples(handler=raise_with_shard),
+        wds.map(decoder),
+        wds.map(eval_item),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return make_loader(pipeline, loader_workers, pin_memory)
+
+
+def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool = False) -> ImageDecoder:
+    """Decoder with the manifest's colour mode and the train split's channel statistics."""
+    stats = manifest["splits"].get("train", manifest["splits"][split])
+    size = image_size or (stats["image_size"] or [0])[0]
+    if not size:
+        raise ValueError("images differ in size: set data.image_size to resize them to one size")
+    return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label)

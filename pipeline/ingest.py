@@ -1,0 +1,38 @@
+"""`sslpipe data ...`: raw datasets in, WebDataset shards and a manifest out."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.shards import Sample, fashion_mnist_samples, write_manifest, write_split
+from pipeline.sources import FASHION_MNIST_CLASSES, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
+
+log = logging.getLogger("sslpipe.data")
+
+
+def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_shard: int = 5000) -> Path:
+    """Fashion-MNIST (60k train, 10k test, 28x28 grayscale) as PNG + class-label shards."""
+    folder = find_fashion_mnist(src)
+    log.info("reading Fashion-MNIST from %s", folder.resolve())
+    out = Path(out)
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(folder, split)
+        splits[split] = write_split(fashion_mnist_samples(images, labels, split), out, split, len(images), "L", samples_per_shard)
+    return write_manifest(out, "fashion-mnist", FASHION_MNIST_CLASSES, "L", splits)
+
+
+def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", samples_per_shard: int = 5000) -> Path:
+    """A class-per-subfolder image tree (labels optional) as shards, keeping the original encoded bytes."""
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"--mode {mode!r}: choose from ['L', 'RGB']")
+    splits_items, classes = scan_image_folder(Path(path))
+    out = Path(out)
+    splits = {}
+    for split, items in splits_items.items():
+        samples = (
+            Sample(f"{split}_{index:07d}", data, ext, label)
+            for index, (data, ext, label) in enumerate(iter_folder_bytes(items))
+        )
+        splits[split] = write_split(samples, out, split, len(items), mode, samples_per_shard)
+    return write_manifest(out, Path(path).resolve().name, classes, mode, splits)

@@ -1,0 +1,112 @@
+"""Driver side of pretraining: checks resources, starts or joins Ray, runs a TorchTrainer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from pipeline.checkpoint import find_checkpoint
+from pipeline.config import Config, ConfigError
+from pipeline.metrics import plot_metrics
+
+log = logging.getLogger("sslpipe.launch")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Fixes cfg.run_dir (absolute, so Ray workers on any node agree) and writes the resolved config."""
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg.run_dir = str(run_dir)
+    cfg.data.root = str(Path(cfg.data.root).resolve()) if "://" not in cfg.data.root else cfg.data.root
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    return run_dir
+
+
+def check_local_resources(cfg: Config) -> None:
+    """Ray waits forever for resources that never come: refuse impossible requests up front."""
+    s = cfg.scaling
+    if s.use_gpu:
+        import torch
+
+        if not s.address and torch.cuda.device_count() < s.num_workers:
+            raise ConfigError(f"scaling.num_workers={s.num_workers} with scaling.use_gpu=true needs {s.num_workers} GPUs; this machine has {torch.cuda.device_count()}")
+    needed = s.num_workers * s.cpus_per_worker
+    if not s.address and needed > (os.cpu_count() or 1):
+        raise ConfigError(
+            f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker} = {needed} CPUs, "
+            f"but this machine has {os.cpu_count()}; lower them or join a cluster with scaling.address"
+        )
+
+
+def check_cluster_resources(cfg: Config) -> None:
+    import ray
+
+    available = ray.cluster_resources()
+    s = cfg.scaling
+    wants = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
+    for resource, amount in wants.items():
+        if amount > available.get(resource, 0):
+            raise ConfigError(
+                f"the Ray cluster has {available.get(resource, 0):g} {resource}s, but scaling asks for {amount} "
+                f"({s.num_workers} workers); Ray would wait for them forever"
+            )
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        # A private, embedded cluster for this process (not whatever else uses /tmp/ray).
+        log.info("starting an embedded local Ray instance")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+
+
+def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Runs pretraining under Ray Train and returns the run directory.
+
+    `resume` (a run directory or checkpoint) continues from its latest checkpoint: model,
+    optimizers, schedulers, scaler and step.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import train_loop_per_worker
+
+    resume_dir = find_checkpoint(resume).parent if resume else None
+    run_dir = prepare_run_dir(cfg)
+    check_local_resources(cfg)
+    init_ray(cfg)
+    check_cluster_resources(cfg)
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+        ),
+        run_config=ray.train.RunConfig(
+            # Ray's folder (checkpoint_* directories) lives inside our run directory. A new name per
+            # launch: reusing one makes Ray silently restore that earlier attempt; resuming is explicit.
+            name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint(str(resume_dir)) if resume_dir else None,
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    log.info("pretraining finished in %.0f s; checkpoint %s", time.perf_counter() - start, result.checkpoint.path if result.checkpoint else None)
+    if result.error:
+        raise result.error
+    plot_metrics(run_dir)
+    return run_dir

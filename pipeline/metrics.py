@@ -1,0 +1,56 @@
+"""Run metrics as JSON lines and CSV in the run directory (written by rank 0)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.columns: list[str] | None = None
+        if self.csv.exists():
+            with open(self.csv) as f:
+                self.columns = next(csv.reader(f), None)
+
+    def write(self, metrics: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.columns is None:
+            self.columns = list(metrics)
+            with open(self.csv, "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        with open(self.csv, "a", newline="") as f:
+            csv.writer(f).writerow([metrics.get(c, "") for c in self.columns])
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_metrics(run_dir: str | Path) -> Path | None:
+    """training_curves.png: one panel per logged metric (loss, accuracy, lr, throughput) against the step."""
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in metrics[0] if k not in ("step", "epoch")]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    steps = [m["step"] for m in metrics]
+    for ax, name in zip(axes[0], names):
+        ax.plot(steps, [m.get(name) for m in metrics])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(run_dir) / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,93 @@
+"""Where a training loop runs: under Ray Train (`RaySession`) or in one plain process (`LocalSession`).
+
+The loop in `pipeline/train.py` talks only to this interface, so the same code trains on a Ray
+cluster and in a single process (GPU benchmarks, debugging) without Ray installed.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, write_checkpoint, write_local_checkpoint
+
+
+class LocalSession:
+    """One process, rank 0 of 1; checkpoints in `<run_dir>/checkpoints/step_*`."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: Path, device: torch.device | str | None = None, keep: int = 2, resume_from: Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.keep = keep
+        self.resume_from = resume_from
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def load_latest(self) -> dict | None:
+        source = self.resume_from
+        if source is None:
+            if not any((self.run_dir / "checkpoints").glob("step_*/checkpoint.pt")):
+                return None
+            source = self.run_dir / "checkpoints"
+        return load_checkpoint(find_checkpoint(source))
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        if state is not None:
+            write_local_checkpoint(state, self.run_dir / "checkpoints", self.keep)
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+
+class RaySession:
+    """A Ray Train worker. Every rank calls `report` at the same steps (unequal calls hang Ray)."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module)
+
+    def load_latest(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            try:
+                return load_checkpoint(find_checkpoint(directory))
+            except CheckpointError as err:
+                raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="sslpipe-ckpt-") as tmp:
+            write_checkpoint(state, Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        names = sorted(values)
+        tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return {n: float(v) / self.world_size for n, v in zip(names, tensor.tolist())}

@@ -1,0 +1,156 @@
+"""Writing datasets as WebDataset tar shards plus a manifest (counts, classes, shards, checksums)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Sample:
+    key: str  # stable, unique, no dots (WebDataset splits extensions at the first dot)
+    image: bytes  # encoded image file
+    ext: str  # png, jpg, ...
+    label: int | None
+
+
+@dataclass
+class ChannelStats:
+    """Running per-channel mean and std of pixel values in [0, 1]."""
+
+    total: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    total_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    count: int = 0
+
+    def add(self, pixels: np.ndarray) -> None:  # (H, W, C) float in [0, 1]
+        flat = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
+        if self.count == 0:
+            self.total, self.total_sq = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+        self.total += flat.sum(0)
+        self.total_sq += (flat**2).sum(0)
+        self.count += flat.shape[0]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 1e-12))
+        return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_split(
+    samples: Iterable[Sample],
+    out_dir: Path,
+    split: str,
+    total: int,
+    mode: str,
+    samples_per_shard: int = 5000,
+) -> dict:
+    """Writes one split as `<split>-000000.tar`, ... and returns its manifest entry.
+
+    Every image is decoded once while writing: a file that does not decode fails here, named, not
+    in the middle of a training run; the decoded pixels also give the split's channel statistics.
+    Each shard is written under a temporary name and renamed when complete, so an interrupted write
+    never leaves a truncated shard that looks finished.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    stats = ChannelStats()
+    sizes: set[tuple[int, int]] = set()
+    labelled = 0
+    writer, partial, count = None, None, 0
+
+    def close() -> None:
+        writer.close()
+        final = partial.with_suffix("")  # drop ".partial"
+        os.replace(partial, final)
+        shards.append({"file": final.name, "count": count, "sha256": sha256(final)})
+
+    for sample in tqdm(samples, total=total, desc=f"writing {split} shards", unit="img", mininterval=1.0):
+        if writer is None or count == samples_per_shard:
+            if writer is not None:
+                close()
+            partial = out_dir / f"{split}-{len(shards):06d}.tar.partial"
+            writer, count = wds.TarWriter(str(partial)), 0
+        try:
+            with Image.open(io.BytesIO(sample.image)) as img:
+                pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+        except Exception as err:
+            raise ValueError(f"sample {sample.key!r}: image does not decode ({err})") from err
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        stats.add(pixels)
+        sizes.add(pixels.shape[:2])
+        record = {"__key__": sample.key, sample.ext: sample.image}
+        if sample.label is not None:
+            record["cls"] = str(int(sample.label)).encode()
+            labelled += 1
+        writer.write(record)
+        count += 1
+    if writer is None:
+        raise ValueError(f"split {split!r} has no samples")
+    close()
+    mean, std = stats.mean_std()
+    return {
+        "count": sum(s["count"] for s in shards),
+        "labelled": labelled,
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "mean": mean,
+        "std": std,
+        "shards": shards,
+    }
+
+
+def write_manifest(out_dir: Path, name: str, classes: list[str], mode: str, splits: dict[str, dict]) -> Path:
+    manifest = {"name": name, "format": "sslpipe-shards/1", "mode": mode, "channels": len(mode),
+                "classes": classes, "num_classes": len(classes), "splits": splits}
+    path = out_dir / MANIFEST
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {str(root)!r}: write shards first, e.g. `sslpipe data fashion-mnist --out {root}`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def split_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} is not in {Path(root) / MANIFEST}; available: {sorted(manifest['splits'])}")
+    return [str(Path(root) / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str) -> Iterator[Sample]:
+    for index, (image, label) in enumerate(zip(images, labels)):
+        yield Sample(f"{split}_{index:06d}", encode_png(image), "png", int(label))

@@ -1,0 +1,137 @@
+"""The per-worker training loop: the same code under Ray Train and in one plain process."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.backbone import create_backbone
+from pipeline.config import Config
+from pipeline.data import check_urls, decoder_for, train_loader
+from pipeline.metrics import MetricsLog
+from pipeline.schedules import warmup_cosine
+from pipeline.shards import read_manifest, split_urls
+from pretext import create_task
+
+log = logging.getLogger("sslpipe.train")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: runs in every worker process."""
+    from pipeline.session import RaySession
+
+    cfg = Config.from_dict(config)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    train_worker(cfg, RaySession())
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def autocast_factory(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA only: bf16 where supported (no loss scaling needed), else fp16."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), scaler
+
+
+def build_task(cfg: Config, manifest: dict, image_size: int):
+    encoder = create_backbone(cfg.model, manifest["channels"])
+    return create_task(cfg.task.name, encoder=encoder, in_chans=manifest["channels"], image_size=image_size, **cfg.task.options)
+
+
+def train_worker(cfg: Config, session) -> dict:
+    """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
+    run_dir = Path(cfg.run_dir)
+    torch.manual_seed(cfg.train.seed + session.rank)
+    device = session.device
+    manifest = read_manifest(cfg.data.root)
+    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
+    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+
+    task = build_task(cfg, manifest, decoder.image_size).to(device)
+    total = cfg.train.steps
+    # Linear scaling rule: optim.lr is quoted for a global batch of 256.
+    lr = cfg.optim.lr * cfg.train.global_batch_size / 256
+    optimizers = task.make_optimizers(cfg.optim, lr)
+    schedule = warmup_cosine(total, cfg.optim.warmup_steps, cfg.optim.schedule)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, schedule) for name, opt in optimizers.items()}
+    autocast, scaler = autocast_factory(device, cfg.train.amp)
+
+    start = 0
+    state = session.load_latest()
+    if state is not None:
+        task.load_state_dict(state["task"], strict=True)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+            schedulers[name].load_state_dict(state["schedulers"][name])
+        scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        if session.rank == 0:
+            log.info("resumed from step %d", start)
+    task.prepare_distributed(session.wrap)
+
+    batch_size = cfg.train.global_batch_size // session.world_size
+    loader = train_loader(
+        urls, session.rank, session.world_size, decoder, task.sample_transform(), batch_size,
+        cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
+    )
+    metrics_log = MetricsLog(run_dir) if session.rank == 0 else None
+    batches = iter(loader)
+    task.train()
+    metrics: dict = {}
+    sums: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start + 1, total + 1):
+        batch = to_device(next(batches), device)
+        out = task.train_step(batch, optimizers, scaler, autocast)
+        for scheduler in schedulers.values():
+            scheduler.step()
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())  # syncs; cheap next to a step
+        window_steps += 1
+
+        last = step == total
+        checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
+        if step % cfg.train.log_every == 0 or checkpoint_now:
+            elapsed = time.perf_counter() - window_start
+            metrics = session.all_reduce_mean({k: v / window_steps for k, v in sums.items()})
+            metrics.update(step=step, lr=schedulers[next(iter(schedulers))].get_last_lr()[0],
+                           images_per_s=round(window_steps * cfg.train.global_batch_size / elapsed, 1),
+                           epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))
+            if metrics_log is not None:
+                metrics_log.write(metrics)
+                eta = (total - step) * elapsed / window_steps
+                log.info("step %d/%d  %s  %.0f img/s  eta %.0fs", step, total,
+                         "  ".join(f"{k} {metrics[k]:.4f}" for k in out), metrics["images_per_s"], eta)
+            state = None
+            if checkpoint_now and session.rank == 0:
+                state = {
+                    "task": task.state_dict(),
+                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "config": cfg.to_dict(),
+                    "manifest": {"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
+                                 "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()},
+                }
+            # Every rank reports at the same steps; only rank 0 passes a checkpoint.
+            session.report(metrics, state)
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+    return metrics

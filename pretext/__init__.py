@@ -1,0 +1,43 @@
+"""Pretext-task registry. Adding a task: one new file in this folder and one line in TASKS."""
+from __future__ import annotations
+
+import inspect
+
+from pretext.base import PretextTask
+from pretext.rotation import Rotation
+
+TASKS: dict[str, type[PretextTask]] = {
+    "rotation": Rotation,
+}
+
+# Keyword arguments the pipeline passes itself; never set them under task.options.
+PIPELINE_ARGS = ("encoder", "in_chans", "image_size")
+
+
+def create_task(name: str, **kwargs) -> PretextTask:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+def task_options(name: str) -> dict[str, object]:
+    """The options a task accepts (keyword arguments beyond the pipeline's) with their defaults."""
+    params = inspect.signature(TASKS[name].__init__).parameters
+    return {
+        p.name: p.default
+        for p in params.values()
+        if p.name not in ("self", *PIPELINE_ARGS) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def check_task_options(name: str, options: dict) -> None:
+    """Raises ConfigError for options the task does not accept, listing the ones it does."""
+    from pipeline.config import ConfigError
+
+    valid = task_options(name)
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"task.options.{key}: task {name!r} has no option {key!r}; valid options: {sorted(valid)}")
+
+
+__all__ = ["TASKS", "PretextTask", "create_task", "task_options", "check_task_options"]

@@ -1,0 +1,75 @@
+"""The one base class every pretext task and generative objective derives from."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import OptimConfig
+
+
+class PretextTask(nn.Module):
+    """A self-supervised objective that owns its encoder, head(s) and loss.
+
+    Subclasses implement `sample_transform` (runs per sample in loader workers) and `forward`
+    (returns a dict holding "loss" plus values to log). Tasks with several models, such as GANs,
+    also override `make_optimizers`, `train_step` and `prepare_distributed`.
+
+    Every task keeps its backbone as `self.encoder`: checkpoints store the task's state dict and the
+    eval stage reads the `encoder.` entries back into a bare timm model.
+    """
+
+    def __init__(self, encoder: nn.Module, in_chans: int = 1, image_size: int = 32):
+        super().__init__()
+        self.encoder = encoder
+        self.in_chans = in_chans
+        self.image_size = image_size
+        # The module whose __call__ drives forward: `self` in one process, a DDP wrapper of `self`
+        # under Ray. Set with object.__setattr__ so nn.Module does not register it as a child
+        # (a DDP child holding `self` would make .modules() recurse forever).
+        object.__setattr__(self, "_forward_module", self)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.num_features
+
+    def sample_transform(self) -> Callable[[dict], tuple[Any, Any]]:
+        """A picklable callable mapping a decoded sample dict to `(inputs, target)`."""
+        raise NotImplementedError
+
+    def forward(self, inputs, target) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def prepare_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Wraps the trainable parts for data-parallel training (`wrap` is Ray's prepare_model)."""
+        object.__setattr__(self, "_forward_module", wrap(self))
+
+    def make_optimizers(self, cfg: OptimConfig, lr: float) -> dict[str, torch.optim.Optimizer]:
+        return {"main": build_optimizer(self.parameters(), cfg, lr)}
+
+    def train_step(self, batch, optimizers: dict, scaler: torch.amp.GradScaler, autocast) -> dict[str, Tensor]:
+        """One forward, backward and optimizer step; `autocast` is a context manager factory."""
+        inputs, target = batch
+        opt = optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            out = self._forward_module(inputs, target)
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+        return out
+
+
+def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters (1-D tensors), as in timm and DINO.
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)

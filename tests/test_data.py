@@ -1,0 +1,191 @@
+"""Shards in and out: round trip, manifest, exactly-once extraction, training streams, bad input."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data import ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.ingest import write_fashion_mnist, write_image_folder
+from pipeline.shards import read_manifest, sha256, split_urls
+from pipeline.sources import DatasetNotFoundError, find_fashion_mnist
+from tests.conftest import synthetic_images
+
+
+def identity_transform(sample):
+    return sample["image"], torch.tensor(sample["label"])
+
+
+def test_manifest_counts_checksums_and_stats(shards):
+    manifest = read_manifest(shards)
+    train = manifest["splits"]["train"]
+    assert train["count"] == 96 and [s["count"] for s in train["shards"]] == [16] * 6
+    assert manifest["splits"]["test"]["count"] == 48
+    for shard in train["shards"]:
+        assert sha256(shards / shard["file"]) == shard["sha256"]
+    images, _ = synthetic_images(96, 16, 0)
+    assert train["mean"][0] == pytest.approx(images.mean() / 255, abs=1e-5)
+    assert train["std"][0] == pytest.approx(images.std() / 255, abs=1e-5)
+    assert train["image_size"] == [16, 16] and manifest["channels"] == 1
+
+
+def test_round_trip_returns_the_written_pixels_and_labels(shards):
+    manifest = read_manifest(shards)
+    decoder = decoder_for(manifest, "train", 0, require_label=True)
+    images, labels = synthetic_images(96, 16, 0)
+    seen = 0
+    for batch_images, batch_labels, keys in eval_loader(split_urls(shards, manifest, "train"), 0, 1, decoder, 10, 0):
+        for image, label, key in zip(batch_images, batch_labels, keys):
+            index = int(key.split("_")[1])
+            pixels = image * decoder.std + decoder.mean  # undo normalization
+            assert torch.allclose(pixels[0] * 255, torch.from_numpy(images[index]).float(), atol=1e-3)
+            assert int(label) == labels[index]
+            seen += 1
+    assert seen == 96
+
+
+def test_extraction_sees_every_sample_exactly_once_over_2_ranks_x_2_loader_workers(shards):
+    manifest = read_manifest(shards)
+    decoder = decoder_for(manifest, "train", 0)
+    urls = split_urls(shards, manifest, "train")
+    keys = []
+    for rank in range(2):
+        for _, _, batch_keys in eval_loader(urls, rank, 2, decoder, 7, loader_workers=2):
+            keys.extend(batch_keys)
+    assert len(keys) == 96
+    assert sorted(keys) == [f"train_{i:05d}" for i in range(96)]
+
+
+def test_training_stream_splits_shards_by_rank_and_repeats(shards):
+    manifest = read_manifest(shards)
+    decoder = decoder_for(manifest, "train", 0)
+    urls = split_urls(shards, manifest, "train")
+
+    def keys_of_rank(rank):
+        loader = train_loader(urls, rank, 2, decoder, KeyTransform(), 8, shuffle_buffer=20, loader_workers=2, seed=0)
+        return [k for batch in itertools.islice(loader, 20) for k in batch[1]]
+
+    rank0, rank1 = keys_of_rank(0), keys_of_rank(1)
+    assert len(rank0) == 160  # 20 full batches of 8 from 48 samples: the stream repeats
+    shard_of = lambda key: int(key.split("_")[1]) // 16  # noqa: E731
+    assert {shard_of(k) for k in rank0} == {0, 2, 4}
+    assert {shard_of(k) for k in rank1} == {1, 3, 5}
+
+
+class KeyTransform:
+    def __call__(self, sample):
+        return sample["image"], sample["key"]
+
+
+def test_training_batches_have_the_task_shapes(shards):
+    manifest = read_manifest(shards)
+    decoder = decoder_for(manifest, "train", 24)
+    loader = train_loader(split_urls(shards, manifest, "train"), 0, 1, decoder, identity_transform, 8, 10, 0, seed=0)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 1, 24, 24) and images.dtype == torch.float32
+    assert labels.shape == (8,) and labels.dtype == torch.int64
+
+
+def test_shell_urls_need_explicit_permission():
+    with pytest.raises(ShardError, match="allow-shell-urls"):
+        check_urls(["pipe:cat /etc/passwd"])
+    assert check_urls(["pipe:cat x.tar"], allow_shell_urls=True)
+
+
+def test_missing_shard_and_empty_list_are_named():
+    with pytest.raises(ShardError, match="nowhere-000.tar"):
+        check_urls(["/tmp/nowhere-000.tar"])
+    with pytest.raises(ShardError, match="empty"):
+        check_urls([])
+
+
+def write_raw_shard(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return str(path)
+
+
+def png_bytes(mode="L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (8, 8), 128 if mode == "L" else (1, 2, 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def raw_decoder(shards):
+    return decoder_for(read_manifest(shards), "train", 8, require_label=True)
+
+
+def test_pickled_entries_are_refused_not_unpickled(tmp_path, raw_decoder):
+    url = write_raw_shard(tmp_path / "evil.tar", [{"__key__": "s0", "png": png_bytes(), "cls": b"1", "pyd": b"cos\nsystem\n(S'true'\ntR."}])
+    with pytest.raises(ShardError, match=r"evil.tar.*s0.*pyd"):
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+
+
+def test_missing_label_and_bad_image_name_shard_and_key(tmp_path, raw_decoder):
+    url = write_raw_shard(tmp_path / "nolabel.tar", [{"__key__": "s1", "png": png_bytes()}])
+    with pytest.raises(ShardError, match=r"nolabel.tar.*s1.*no label"):
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+    url = write_raw_shard(tmp_path / "broken.tar", [{"__key__": "s2", "png": b"not a png", "cls": b"0"}])
+    with pytest.raises(ShardError, match=r"broken.tar.*s2.*does not decode"):
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+
+
+def test_colour_images_are_converted_to_the_dataset_mode(tmp_path, raw_decoder):
+    url = write_raw_shard(tmp_path / "rgb.tar", [{"__key__": "s3", "png": png_bytes("RGB"), "cls": b"2"}])
+    images, labels, _ = next(iter(eval_loader([url], 0, 1, raw_decoder, 4, 0)))
+    assert images.shape == (1, 1, 8, 8) and labels.tolist() == [2]
+
+
+def test_truncated_shard_names_the_shard(tmp_path, shards, raw_decoder):
+    data = (shards / "train-000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match="cut.tar"):
+        list(eval_loader([str(tmp_path / "cut.tar")], 0, 1, raw_decoder, 4, 0))
+
+
+def test_fashion_mnist_ingest_writes_train_and_test(tmp_path, fake_fashion_mnist):
+    manifest_path = write_fashion_mnist(tmp_path / "out", src=str(fake_fashion_mnist), samples_per_shard=8)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["splits"]["train"]["count"] == 30 and len(manifest["splits"]["train"]["shards"]) == 4
+    assert manifest["splits"]["test"]["count"] == 10
+    assert manifest["num_classes"] == 10 and manifest["splits"]["train"]["image_size"] == [28, 28]
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_missing_fashion_mnist_lists_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "env-dir"))
+    if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is installed: the search would succeed")
+    with pytest.raises(DatasetNotFoundError) as err:
+        find_fashion_mnist(str(tmp_path / "cli-dir"))
+    message = str(err.value)
+    for place in ("cli-dir", "env-dir", "shared/data/fashion-mnist", "/usr/share/datasets/fashion-mnist", "apt-get install dataset-fashion-mnist"):
+        assert place in message
+
+
+def test_image_folder_with_and_without_labels(tmp_path):
+    images, labels = synthetic_images(12, 16, 3)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "tree" / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).convert("RGB").save(folder / f"img{i}.jpg" if i % 2 else folder / f"img{i}.png")
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "flat" / f"img{i}.png")
+    manifest = json.loads(write_image_folder(tmp_path / "tree", tmp_path / "out").read_text())
+    assert manifest["splits"]["train"]["count"] == 12 and manifest["splits"]["train"]["labelled"] == 12
+    assert manifest["classes"] == sorted({f"class_{l}" for l in labels}) and manifest["channels"] == 3
+    flat = json.loads(write_image_folder(tmp_path / "flat", tmp_path / "out-flat", mode="L").read_text())
+    assert flat["splits"]["train"]["labelled"] == 0 and flat["classes"] == []
+    decoder = decoder_for(flat, "train", 0)
+    _, batch_labels, _ = next(iter(eval_loader(split_urls(tmp_path / "out-flat", flat, "train"), 0, 1, decoder, 12, 0)))
+    assert (batch_labels == -1).all()

@@ -1,0 +1,133 @@
+"""Every registered task: transform shapes, finite loss, gradients everywhere, loss falls on a fixed batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.backbone import create_backbone
+from pipeline.config import ConfigError, ModelConfig, OptimConfig
+from pipeline.data import collate
+from pipeline.train import autocast_factory
+from pretext import TASKS, check_task_options, create_task
+from pretext.rotation import Rotation, rotate
+from tests.conftest import TINY_BACKBONE, synthetic_images
+
+IMAGE_SIZE = 16
+
+
+def make_task(name: str, **options):
+    torch.manual_seed(0)
+    encoder = create_backbone(ModelConfig(**TINY_BACKBONE), in_chans=1)
+    return create_task(name, encoder=encoder, in_chans=1, image_size=IMAGE_SIZE, **options)
+
+
+def sample_dicts(count: int = 16) -> list[dict]:
+    images, labels = synthetic_images(count, IMAGE_SIZE)
+    return [
+        {"image": torch.from_numpy(img).float().div(255).sub(0.3).unsqueeze(0), "label": int(lab), "key": f"k{i}"}
+        for i, (img, lab) in enumerate(zip(images, labels))
+    ]
+
+
+def fixed_batch(task, count: int = 16):
+    transform = task.sample_transform()
+    return collate([transform(s) for s in sample_dicts(count)])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_transform_outputs_tensors(name):
+    task = make_task(name)
+    inputs, target = task.sample_transform()(sample_dicts(1)[0])
+    assert isinstance(inputs, torch.Tensor) and inputs.dtype == torch.float32
+    assert inputs.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    assert isinstance(target, torch.Tensor)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_transform_is_picklable(name):
+    import pickle
+
+    transform = make_task(name).sample_transform()
+    blob = pickle.dumps(transform)
+    assert len(blob) < 10_000, "the transform must not carry model weights into loader workers"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_train_step_finite_loss_and_every_parameter_gets_gradient(name):
+    task = make_task(name)
+    optimizers = task.make_optimizers(OptimConfig(), lr=0.01)
+    autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
+    out = task.train_step(fixed_batch(task), optimizers, scaler, autocast)
+    assert torch.isfinite(out["loss"])
+    trainable = [n for n, p in task.named_parameters() if p.requires_grad]
+    # A gradient must exist for every parameter; it may be zero on the first step where timm
+    # zero-initializes the last norm of each residual branch.
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert trainable and not missing, f"parameters without gradient: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_twenty_steps_lower_the_loss_on_a_fixed_batch(name):
+    from pipeline.config import OptimConfig
+
+    task = make_task(name)
+    optimizers = task.make_optimizers(OptimConfig(name="adamw", weight_decay=0.0), lr=3e-3)
+    autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
+    batch = fixed_batch(task, 32)
+    torch.manual_seed(0)
+    losses = [float(task.train_step(batch, optimizers, scaler, autocast)["loss"]) for _ in range(20)]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def test_rotation_target_matches_the_rotation_applied():
+    transform = make_task("rotation").sample_transform()
+    sample = sample_dicts(1)[0]
+    seen = set()
+    for _ in range(40):
+        rotated, k = transform(sample)
+        seen.add(int(k))
+        # Undoing k quarter turns gives the original image back, and no other k does.
+        assert torch.equal(torch.rot90(rotated, -int(k), dims=(-2, -1)), sample["image"])
+        for other in set(range(4)) - {int(k)}:
+            assert not torch.equal(torch.rot90(rotated, -other, dims=(-2, -1)), sample["image"])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_rotation_all_rotations_emits_four_views_in_order():
+    transform = make_task("rotation", all_rotations=True).sample_transform()
+    sample = sample_dicts(1)[0]
+    views, targets = transform(sample)
+    assert views.shape == (4, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert targets.tolist() == [0, 1, 2, 3]
+    for k in range(4):
+        assert torch.equal(views[k], rotate(sample["image"], k))
+
+
+def test_rotate_is_counter_clockwise():
+    image = torch.tensor([[1, 2], [3, 4]])
+    assert rotate(image, 1).tolist() == [[2, 4], [1, 3]]
+
+
+def test_rotation_loss_is_cross_entropy_of_head_output():
+    task = make_task("rotation").eval()
+    inputs, target = fixed_batch(task, 8)
+    out = task(inputs, target)
+    expected = torch.nn.functional.cross_entropy(task.head(task.encoder(inputs)), target)
+    assert torch.allclose(out["loss"], expected)
+
+
+def test_unknown_task_lists_the_choices():
+    with pytest.raises(KeyError, match="rotation"):
+        create_task("rotatoin", encoder=None)
+
+
+def test_unknown_task_option_names_the_option():
+    with pytest.raises(ConfigError, match="all_rotations"):
+        check_task_options("rotation", {"all_rotation": True})
+
+
+def test_registry_keys_match_module_and_class_names():
+    for name, cls in TASKS.items():
+        assert cls.__module__ == f"pretext.{name}"
+        assert cls.__name__.lower() == name.replace("_", "")
+    assert TASKS["rotation"] is Rotation

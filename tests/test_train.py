@@ -1,0 +1,95 @@
+"""The training loop in one process (LocalSession) and under Ray Train with 2 workers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from pipeline.config import Config
+from pipeline.metrics import read_metrics
+from pipeline.session import LocalSession
+from pipeline.train import train_worker
+from tests.conftest import TINY_BACKBONE
+
+
+def tiny_config(shards: Path, run_dir: Path, **overrides) -> Config:
+    values = {
+        "run_dir": str(run_dir),
+        "data": {"root": str(shards), "loader_workers": 1, "shuffle_buffer": 64},
+        "model": TINY_BACKBONE,
+        "task": {"name": "rotation"},
+        "optim": {"name": "adamw", "lr": 0.05, "warmup_steps": 5, "weight_decay": 0.0},
+        "train": {"steps": 60, "global_batch_size": 32, "log_every": 10, "checkpoint_every": 30},
+        "scaling": {"num_workers": 1},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        values[section][name] = value
+    return Config.from_dict(values)
+
+
+def test_local_training_lowers_loss_writes_checkpoints_and_metrics(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path / "run")
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    metrics = read_metrics(cfg.run_dir)
+    assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+    assert (Path(cfg.run_dir) / "metrics.csv").read_text().splitlines()[0].startswith("loss,accuracy")
+    state = load_checkpoint(cfg.run_dir)
+    assert state["step"] == 60 and set(state["optimizers"]) == {"main"}
+    assert sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").iterdir()) == ["step_00000030", "step_00000060"]
+
+
+def test_resume_continues_from_the_saved_step_with_optimizer_state(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path / "run", train__steps=30)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    first = load_checkpoint(cfg.run_dir)
+    longer = tiny_config(shards, tmp_path / "run", train__steps=50)
+    train_worker(longer, LocalSession(longer.run_dir, device="cpu"))
+    steps = [m["step"] for m in read_metrics(cfg.run_dir)]
+    assert steps == [10, 20, 30, 40, 50]  # continued at 31, nothing repeated
+    final = load_checkpoint(cfg.run_dir)
+    assert final["step"] == 50
+    # The scheduler continued its count and Adam its moment estimates (not reset to 0).
+    assert final["schedulers"]["main"]["last_epoch"] == 50
+    assert final["optimizers"]["main"]["state"][0]["step"] == first["optimizers"]["main"]["state"][0]["step"] + 20
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.ray
+def test_ray_two_workers_lower_loss_checkpoint_then_resume_and_eval(shards, tmp_path, ray_local):
+    from eval.evaluate import evaluate
+    from pipeline.launch import pretrain
+
+    cfg = tiny_config(shards, tmp_path / "ray-run", scaling__num_workers=2, train__steps=60)
+    run_dir = pretrain(cfg)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+    checkpoint = find_checkpoint(run_dir)
+    assert "ray-" in str(checkpoint) and load_checkpoint(checkpoint)["step"] == 60
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "training_curves.png").is_file()
+
+    # Resume with a larger budget: continues at step 61 from the 2-worker checkpoint.
+    longer = Config.load(run_dir / "config.yaml", ["train.steps=80"])
+    pretrain(longer, resume=run_dir)
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert load_checkpoint(run_dir)["step"] == 80
+
+    results = evaluate(run_dir)
+    assert set(results["rows"]) == {"raw_pixels", "random_init", "pretrained"}
+    saved = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert saved["rows"]["pretrained"]["linear"] == results["rows"]["pretrained"]["linear"]
+    assert (run_dir / "eval" / "results.md").read_text().count("|") > 10
