@@ -61,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     amp: bool = True  # autocast + GradScaler, on CUDA only
     seed: int = 0
+    resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
 
 
 @dataclass
@@ -196,6 +197,12 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `3e-4` (no dot) as a string, a YAML 1.1 quirk; accept it as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

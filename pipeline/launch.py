@@ -67,7 +67,7 @@ def init_ray(cfg: Config) -> None:
     else:
         # A private, embedded cluster for this process (not whatever else uses /tmp/ray).
         log.info("starting an embedded local Ray instance")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=os.cpu_count(), logging_level=logging.WARNING)
 
 
 def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
@@ -81,7 +81,9 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
 
     from pipeline.train import train_loop_per_worker
 
-    resume_dir = find_checkpoint(resume).parent if resume else None
+    if resume:
+        # Resolved now, on the driver: workers start from exactly this checkpoint.
+        cfg.train.resume_from = str(find_checkpoint(resume).resolve())
     run_dir = prepare_run_dir(cfg)
     check_local_resources(cfg)
     init_ray(cfg)
@@ -101,7 +103,6 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume_dir)) if resume_dir else None,
     )
     start = time.perf_counter()
     result = trainer.fit()

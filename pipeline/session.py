@@ -20,22 +20,19 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, device: torch.device | str | None = None, keep: int = 2, resume_from: Path | None = None):
+    def __init__(self, run_dir: Path, device: torch.device | str | None = None, keep: int = 2):
         self.run_dir = Path(run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.keep = keep
-        self.resume_from = resume_from
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
 
-    def load_latest(self) -> dict | None:
-        source = self.resume_from
-        if source is None:
-            if not any((self.run_dir / "checkpoints").glob("step_*/checkpoint.pt")):
-                return None
-            source = self.run_dir / "checkpoints"
-        return load_checkpoint(find_checkpoint(source))
+    def load_latest(self, resume_from: str = "") -> dict | None:
+        """This run's latest local checkpoint, else `resume_from` (a checkpoint to start from), else None."""
+        if any((self.run_dir / "checkpoints").glob("step_*/checkpoint.pt")):
+            return load_checkpoint(find_checkpoint(self.run_dir / "checkpoints"))
+        return load_checkpoint(resume_from) if resume_from else None
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if state is not None:
@@ -62,12 +59,13 @@ class RaySession:
 
         return ray.train.torch.prepare_model(module)
 
-    def load_latest(self) -> dict | None:
+    def load_latest(self, resume_from: str = "") -> dict | None:
+        """Ray's latest checkpoint of this run (after a worker-group restart), else `resume_from`."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return load_checkpoint(resume_from) if resume_from else None
         with checkpoint.as_directory() as directory:
             try:
                 return load_checkpoint(find_checkpoint(directory))

@@ -74,7 +74,7 @@ def train_worker(cfg: Config, session) -> dict:
     autocast, scaler = autocast_factory(device, cfg.train.amp)
 
     start = 0
-    state = session.load_latest()
+    state = session.load_latest(cfg.train.resume_from)
     if state is not None:
         task.load_state_dict(state["task"], strict=True)
         for name, opt in optimizers.items():

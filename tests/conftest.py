@@ -72,6 +72,6 @@ def ray_local(tmp_path_factory):
     """One private Ray instance for every Ray test (starting Ray costs seconds, Train runs ~20 s more)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2)
     yield ray
     ray.shutdown()

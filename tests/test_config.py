@@ -1,0 +1,67 @@
+"""Configuration: YAML + overrides, typed values, errors that name the key and the choices."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError
+
+
+def test_yaml_then_overrides_then_saved(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.2\ntrain:\n  steps: 10\n")
+    cfg = Config.load(path, ["--optim.lr=3e-4", "train.global_batch_size=64", "model.backbone_kwargs={channels: [8, 16, 32, 64]}"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 10 and cfg.train.global_batch_size == 64
+    assert cfg.model.backbone_kwargs == {"channels": [8, 16, 32, 64]}
+    cfg.save(tmp_path / "resolved.yaml")
+    assert Config.from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text())) == cfg
+
+
+def test_demo_config_is_valid():
+    cfg = Config.load("configs/rotation_fmnist.yaml")
+    assert cfg.task.name == "rotation" and cfg.scaling.num_workers == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim.lrr'.*'lr'"),
+        ("trian.steps=3", r"unknown config key 'trian'.*'train'"),
+        ("optim.name=adam", r"optim.name='adam'.*\['sgd', 'adamw'\]"),
+        ("train.steps=many", r"train.steps must be an integer"),
+        ("train.steps=0", r"train.steps must be positive"),
+        ("train.amp=1", r"train.amp must be true or false"),
+        ("task.name=rotatoin", r"unknown task 'rotatoin'; choose from \['rotation'"),
+        ("task.options={all_rotation: true}", r"task.options.all_rotation.*\['all_rotations', 'head_hidden'\]"),
+        ("train.global_batch_size=255", r"divisible by scaling.num_workers=2"),
+        ("eval.baselines=[pixels]", r"unknown baseline 'pixels'.*raw_pixels"),
+        ("eval.linear_val_fraction=1.5", r"linear_val_fraction"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load(None, [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        Config.load(tmp_path / "nope.yaml")
+
+
+def test_unknown_backbone_suggests_names():
+    from pipeline.backbone import check_backbone
+    from pipeline.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"unknown timm model 'resnet181'.*resnet18"):
+        check_backbone(ModelConfig(backbone="resnet181"))
+
+
+def test_more_workers_than_cpus_fails_before_ray_starts():
+    import os
+
+    from pipeline.launch import check_local_resources
+
+    cfg = Config.load(None, [f"scaling.num_workers={os.cpu_count() + 1}", f"train.global_batch_size={(os.cpu_count() + 1) * 8}"])
+    with pytest.raises(ConfigError, match="scaling.num_workers"):
+        check_local_resources(cfg)
