@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone with a pretext task on Ray Train", epilog=OVERRIDE_HELP)
     pretrain.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
     pretrain.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (uses its config.yaml unless --config)")
+    pretrain.add_argument("--local", action="store_true", help="train in this one process without Ray (debugging, single-GPU benchmarks)")
     add_scaling_flags(pretrain)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint vs raw pixels and random init")
@@ -103,9 +104,11 @@ def cmd_data(args) -> None:
 
 
 def cmd_pretrain(args, overrides) -> Path:
-    from pipeline.launch import pretrain
+    from pipeline.launch import pretrain, pretrain_local
 
     cfg = load_config(args, overrides)
+    if args.local:
+        return pretrain_local(cfg, resume=args.resume)
     return pretrain(cfg, resume=args.resume)
 
 

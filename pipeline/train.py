@@ -26,6 +26,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Config.from_dict(config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise next to ours
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     train_worker(cfg, RaySession())

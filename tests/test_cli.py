@@ -63,3 +63,17 @@ def test_console_script_runs():
 def test_eval_of_a_missing_run_names_it(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "no-run")]) == 2
     assert "no-run" in capsys.readouterr().err
+
+
+def test_pretrain_local_then_eval_from_the_command_line(shards, tmp_path, capsys):
+    run_dir = tmp_path / "cli-run"
+    code = main([
+        "pretrain", "--local", f"--data.root={shards}", f"--run_dir={run_dir}", "--model.backbone_kwargs={channels: [8, 16, 32, 64]}",
+        "--train.steps=20", "--train.global_batch_size=16", "--train.checkpoint_every=10", "--train.log_every=10",
+        "--optim.warmup_steps=2", "--eval.linear_C=[1.0]", "--eval.knn_k=[5]",
+    ])
+    assert code == 0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "training_curves.png").is_file()
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| pretrained backbone | 64 |" in out and "| raw pixels | 256 |" in out
