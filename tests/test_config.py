@@ -1,6 +1,8 @@
 """Configuration: YAML + overrides, typed values, errors that name the key and the choices."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -19,7 +21,7 @@ def test_yaml_then_overrides_then_saved(tmp_path):
 
 
 def test_demo_config_is_valid():
-    cfg = Config.load("configs/rotation_fmnist.yaml")
+    cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "rotation_fmnist.yaml")
     assert cfg.task.name == "rotation" and cfg.scaling.num_workers == 2
 
 
