@@ -14,9 +14,9 @@ from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.report import write_results
 from pipeline.backbone import create_backbone
-from pipeline.checkpoint import encoder_state, find_checkpoint, load_checkpoint
+from pipeline.checkpoint import CheckpointError, encoder_state, find_checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import check_urls, decoder_for
+from pipeline.data import ImageDecoder, check_urls
 from pipeline.shards import read_manifest, split_urls
 
 log = logging.getLogger("sslpipe.eval")
@@ -24,13 +24,23 @@ log = logging.getLogger("sslpipe.eval")
 
 def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Config, nn.Module, dict]:
     """The run's config and its pretrained backbone, rebuilt with timm (no pretext code involved)."""
-    state = load_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
+    file = find_checkpoint(path)
+    state = load_checkpoint(file)
+    cfg = Config.from_dict(state["config"], check_task=False)  # eval needs the backbone, not the task
     if data_root:
         cfg.data.root = data_root
     backbone = create_backbone(cfg.model, state["manifest"]["channels"])
-    backbone.load_state_dict(encoder_state(state), strict=True)
+    try:
+        backbone.load_state_dict(encoder_state(state), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {file}: encoder weights do not fit {cfg.model.backbone} {cfg.model.backbone_kwargs}: {err}") from err
     return cfg, backbone, state
+
+
+def checkpoint_decoder(state: dict, require_label: bool = True) -> ImageDecoder:
+    """Decodes exactly as pretraining did: the checkpoint's colour mode, size and normalization."""
+    info = state["manifest"]
+    return ImageDecoder(info["mode"], info["image_size"], info["mean"], info["std"], require_label)
 
 
 def score(train: Features, test: Features, cfg: Config) -> dict:
@@ -51,7 +61,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(cfg.data.root)
-    decoder = decoder_for(manifest, cfg.data.train_split, state["manifest"]["image_size"], require_label=True)
+    decoder = checkpoint_decoder(state, require_label=True)
     splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
 
     models: dict[str, nn.Module | None] = {}

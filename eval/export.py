@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from eval.evaluate import load_pretrained
+from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
 from pipeline.checkpoint import find_checkpoint
-from pipeline.data import check_urls, decoder_for
+from pipeline.data import check_urls
 from pipeline.shards import read_manifest, split_urls
 
 
@@ -53,7 +53,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
     cfg, backbone, state = load_pretrained(find_checkpoint(path), data_root)
     manifest = read_manifest(cfg.data.root)
-    decoder = decoder_for(manifest, cfg.data.train_split, state["manifest"]["image_size"])
+    decoder = checkpoint_decoder(state, require_label=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

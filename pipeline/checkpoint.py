@@ -74,7 +74,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {file}: {err}") from err
-    missing = [key for key in ("task", "step", "config") if key not in state]
+    missing = [key for key in ("task", "step", "config", "manifest") if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {file} lacks {missing}: not an sslpipe checkpoint")
     return state
@@ -85,5 +85,5 @@ def encoder_state(state: dict) -> dict[str, torch.Tensor]:
     prefix = "encoder."
     weights = {k[len(prefix) :]: v for k, v in state["task"].items() if k.startswith(prefix)}
     if not weights:
-        raise CheckpointError("checkpoint holds no encoder.* weights")
+        raise CheckpointError(f"checkpoint (step {state.get('step')}, task {state['config']['task']['name']!r}) holds no encoder.* weights")
     return weights

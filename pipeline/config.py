@@ -96,9 +96,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
+    def from_dict(cls, values: dict, check_task: bool = True) -> "Config":
+        """Builds and validates; check_task=False skips the registry check (eval of old checkpoints)."""
         cfg = _build(cls, values, prefix="")
-        validate(cfg)
+        validate(cfg, check_task)
         return cfg
 
     @classmethod
@@ -215,7 +216,7 @@ def _coerce(tp, value, key: str):
     return value
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, check_task: bool = True) -> None:
     """Checks values that types alone cannot, so bad runs fail before Ray starts."""
     positive = {
         "train.steps": cfg.train.steps,
@@ -260,6 +261,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"eval.baselines: unknown baseline {name!r}; choose from {allowed}")
     if cfg.eval.knn_temperature <= 0:
         raise ConfigError(f"eval.knn_temperature must be positive, got {cfg.eval.knn_temperature}")
+    if cfg.data.train_split == cfg.data.test_split:
+        raise ConfigError(f"data.train_split and data.test_split are both {cfg.data.train_split!r}; evaluation needs two different splits")
+    if cfg.train.global_batch_size // cfg.scaling.num_workers < 2:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} gives {cfg.train.global_batch_size // cfg.scaling.num_workers} "
+            f"sample(s) per worker with scaling.num_workers={cfg.scaling.num_workers}; batch norm needs at least 2"
+        )
+    if not check_task:
+        return
 
     # Imported here: the registry imports torch and timm, which config parsing alone does not need.
     from pretext import TASKS, check_task_options

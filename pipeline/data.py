@@ -31,7 +31,7 @@ def check_urls(urls: list[str], allow_shell_urls: bool = False) -> list[str]:
     if not urls:
         raise ShardError("the shard list is empty")
     for url in urls:
-        if url.startswith("pipe:") and not allow_shell_urls:
+        if url.lower().startswith("pipe:") and not allow_shell_urls:
             raise ShardError(f"shard URL {url!r} runs a shell command; pass --allow-shell-urls (data.allow_shell_urls=true) to allow it")
         if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
             raise ShardError(f"shard {url!r} does not exist")
@@ -84,7 +84,7 @@ class TrainShards(torch.utils.data.IterableDataset):
 
 def raise_with_shard(exn: Exception) -> bool:
     """WebDataset error handler: re-raise naming the shard (WebDataset appends the URL to args)."""
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or "://" in a)), None)
+    url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), None)
     raise ShardError(f"shard {url or '?'}: {exn.args[0] if exn.args else exn!r}") from exn
 
 
@@ -196,9 +196,11 @@ def eval_loader(
 
 
 def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool = False) -> ImageDecoder:
-    """Decoder with the manifest's colour mode and the train split's channel statistics."""
-    stats = manifest["splits"].get("train", manifest["splits"][split])
+    """Decoder with the manifest's colour mode and the channel statistics of `split` (the training split)."""
+    if split not in manifest["splits"]:
+        raise ShardError(f"split {split!r} is not in the manifest of {manifest.get('name', '?')!r}; available: {sorted(manifest['splits'])}")
+    stats = manifest["splits"][split]
     size = image_size or (stats["image_size"] or [0])[0]
     if not size:
-        raise ValueError("images differ in size: set data.image_size to resize them to one size")
+        raise ShardError(f"images of split {split!r} in {manifest.get('name', '?')!r} differ in size: set data.image_size to resize them to one size")
     return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label)

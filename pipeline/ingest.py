@@ -31,8 +31,8 @@ def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", sam
     splits = {}
     for split, items in splits_items.items():
         samples = (
-            Sample(f"{split}_{index:07d}", data, ext, label)
-            for index, (data, ext, label) in enumerate(iter_folder_bytes(items))
+            Sample(f"{split}_{index:07d}", data, ext, label, source)
+            for index, (data, ext, label, source) in enumerate(iter_folder_bytes(items))
         )
         splits[split] = write_split(samples, out, split, len(items), mode, samples_per_shard)
     return write_manifest(out, Path(path).resolve().name, classes, mode, splits)

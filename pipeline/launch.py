@@ -41,6 +41,21 @@ def check_local_resources(cfg: Config) -> None:
         )
 
 
+def check_data(cfg: Config) -> None:
+    """Every Ray worker needs its own training shards; a shortfall would only show inside the workers."""
+    from pipeline.data import check_urls, decoder_for
+    from pipeline.shards import read_manifest, split_urls
+
+    manifest = read_manifest(cfg.data.root)
+    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
+    decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    if len(urls) < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"split {cfg.data.train_split!r} of {cfg.data.root} has {len(urls)} shard(s) for scaling.num_workers={cfg.scaling.num_workers}: "
+            f"each worker needs at least one; rewrite the shards smaller (--samples-per-shard) or use fewer workers"
+        )
+
+
 def check_cluster_resources(cfg: Config) -> None:
     import ray
 
@@ -79,6 +94,7 @@ def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
         cfg.train.resume_from = str(find_checkpoint(resume).resolve())
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s (one process, no Ray)", run_dir)
+    check_data(cfg)
     train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints))
     plot_metrics(run_dir)
     return run_dir
@@ -100,6 +116,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
         cfg.train.resume_from = str(find_checkpoint(resume).resolve())
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s", run_dir)
+    check_data(cfg)
     check_local_resources(cfg)
     init_ray(cfg)
     check_cluster_resources(cfg)

@@ -23,6 +23,7 @@ class Sample:
     image: bytes  # encoded image file
     ext: str  # png, jpg, ...
     label: int | None
+    source: str = ""  # where the image came from, for error messages
 
 
 @dataclass
@@ -99,7 +100,7 @@ def write_split(
             with Image.open(io.BytesIO(sample.image)) as img:
                 pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
         except Exception as err:
-            raise ValueError(f"sample {sample.key!r}: image does not decode ({err})") from err
+            raise ValueError(f"sample {sample.key!r}{f' ({sample.source})' if sample.source else ''}: image does not decode ({err})") from err
         pixels = pixels[..., None] if pixels.ndim == 2 else pixels
         stats.add(pixels)
         sizes.add(pixels.shape[:2])

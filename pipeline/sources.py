@@ -114,6 +114,6 @@ def scan_image_folder(root: Path) -> tuple[dict[str, list[FolderItem]], list[str
     return splits, classes
 
 
-def iter_folder_bytes(items: list[FolderItem]) -> Iterator[tuple[bytes, str, int | None]]:
+def iter_folder_bytes(items: list[FolderItem]) -> Iterator[tuple[bytes, str, int | None, str]]:
     for item in items:
-        yield item.path.read_bytes(), IMAGE_SUFFIXES[item.path.suffix.lower()], item.label
+        yield item.path.read_bytes(), IMAGE_SUFFIXES[item.path.suffix.lower()], item.label, str(item.path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.backbone import create_backbone
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config
 from pipeline.data import check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog
@@ -77,14 +78,20 @@ def train_worker(cfg: Config, session) -> dict:
     start = 0
     state = session.load_latest(cfg.train.resume_from)
     if state is not None:
-        task.load_state_dict(state["task"], strict=True)
+        try:
+            task.load_state_dict(state["task"], strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint at step {state['step']} does not fit task {cfg.task.name!r} / {cfg.model.backbone}: {err}") from err
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 loss scaling (CPU, bf16)
+            scaler.load_state_dict(state["scaler"])
         start = state["step"]
         if session.rank == 0:
             log.info("resumed from step %d", start)
+        if start >= total and session.rank == 0:
+            log.warning("the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue", start, total)
     task.prepare_distributed(session.wrap)
 
     batch_size = cfg.train.global_batch_size // session.world_size

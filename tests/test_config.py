@@ -39,6 +39,8 @@ def test_demo_config_is_valid():
         ("train.global_batch_size=255", r"divisible by scaling.num_workers=2"),
         ("eval.baselines=[pixels]", r"unknown baseline 'pixels'.*raw_pixels"),
         ("eval.linear_val_fraction=1.5", r"linear_val_fraction"),
+        ("data.test_split=train", r"data.train_split and data.test_split are both 'train'"),
+        ("train.global_batch_size=2", r"1 sample\(s\) per worker"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -96,6 +96,8 @@ def test_training_batches_have_the_task_shapes(shards):
 def test_shell_urls_need_explicit_permission():
     with pytest.raises(ShardError, match="allow-shell-urls"):
         check_urls(["pipe:cat /etc/passwd"])
+    with pytest.raises(ShardError, match="allow-shell-urls"):
+        check_urls(["PIPE:cat /etc/passwd"])
     assert check_urls(["pipe:cat x.tar"], allow_shell_urls=True)
 
 
@@ -125,9 +127,13 @@ def raw_decoder(shards):
 
 
 def test_pickled_entries_are_refused_not_unpickled(tmp_path, raw_decoder):
-    url = write_raw_shard(tmp_path / "evil.tar", [{"__key__": "s0", "png": png_bytes(), "cls": b"1", "pyd": b"cos\nsystem\n(S'true'\ntR."}])
+    marker = tmp_path / "pwned"
+    # Unpickling this payload would run `touch <marker>`.
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    url = write_raw_shard(tmp_path / "evil.tar", [{"__key__": "s0", "png": png_bytes(), "cls": b"1", "pyd": payload}])
     with pytest.raises(ShardError, match=r"evil.tar.*s0.*pyd"):
         list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+    assert not marker.exists()
 
 
 def test_missing_label_and_bad_image_name_shard_and_key(tmp_path, raw_decoder):

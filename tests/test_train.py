@@ -58,6 +58,26 @@ def test_resume_continues_from_the_saved_step_with_optimizer_state(shards, tmp_p
     assert final["optimizers"]["main"]["state"][0]["step"] == first["optimizers"]["main"]["state"][0]["step"] + 20
 
 
+class NotATensor:
+    pass
+
+
+def test_checkpoint_carrying_code_is_refused(tmp_path):
+    file = tmp_path / "checkpoint.pt"
+    torch.save({"task": {}, "step": 1, "config": {}, "manifest": {}, "payload": NotATensor()}, file)
+    with pytest.raises(CheckpointError, match=str(file)):
+        load_checkpoint(file)
+
+
+def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.launch import check_data
+
+    cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=8, train__global_batch_size=32)
+    with pytest.raises(ConfigError, match=r"6 shard\(s\) for scaling.num_workers=8"):
+        check_data(cfg)
+
+
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"this is not a checkpoint")
