@@ -4,10 +4,12 @@ from __future__ import annotations
 import inspect
 
 from pretext.base import PretextTask
+from pretext.exemplar import Exemplar
 from pretext.rotation import Rotation
 
 TASKS: dict[str, type[PretextTask]] = {
     "rotation": Rotation,
+    "exemplar": Exemplar,
 }
 
 # Keyword arguments the pipeline passes itself; never set them under task.options.

@@ -1,0 +1,46 @@
+"""Losses shared by pretext tasks, as pure functions."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """All workers' rows of `x` (W*N, D), gradients flowing back to each owner; and this rank's offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(x), 0), dist.get_rank() * x.shape[0]
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool = False,
+             query_negatives: bool = True, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """InfoNCE (van den Oord et al. 2018) for paired embeddings; returns (loss, top-1 accuracy).
+
+    Row i of `query` (N, D) is positive with row i of `key` (N, D). With `query_negatives` (NT-Xent,
+    SimCLR) the loss is symmetric and every other embedding of both views is a negative: 2M - 1
+    candidates per row for a global batch of M. Without it (CPC, cross-modal), the candidates are the
+    M keys and the loss runs query -> key only. `gather` uses the batches of all Ray/DDP workers as
+    negatives, with gradients flowing back through the gather.
+    """
+    if normalize:
+        query, key = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+    all_keys, offset = gather_with_grad(key) if gather else (key, 0)
+    targets = torch.arange(query.shape[0], device=query.device) + offset
+    if not query_negatives:
+        logits = query @ all_keys.T / temperature  # (N, M)
+        return F.cross_entropy(logits, targets), (logits.argmax(1) == targets).float().mean()
+    all_queries, _ = gather_with_grad(query) if gather else (query, 0)
+    total = all_keys.shape[0]
+    self_mask = F.one_hot(targets, total).bool()  # each row's own column in the same-view block
+    losses, correct = [], []
+    for anchors, same_view, other_view in ((query, all_queries, all_keys), (key, all_keys, all_queries)):
+        positives_block = anchors @ other_view.T / temperature  # (N, M): positive on the "diagonal"
+        same_block = (anchors @ same_view.T / temperature).masked_fill(self_mask, float("-inf"))  # (N, M)
+        logits = torch.cat([positives_block, same_block], 1)  # (N, 2M)
+        losses.append(F.cross_entropy(logits, targets))
+        correct.append((logits.argmax(1) == targets).float().mean())
+    return (losses[0] + losses[1]) / 2, (correct[0] + correct[1]) / 2
