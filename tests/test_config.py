@@ -34,7 +34,7 @@ def test_demo_config_is_valid():
         ("train.steps=many", r"train.steps must be an integer"),
         ("train.steps=0", r"train.steps must be positive"),
         ("train.amp=1", r"train.amp must be true or false"),
-        ("task.name=rotatoin", r"unknown task 'rotatoin'; choose from \['rotation'"),
+        ("task.name=rotatoin", r"unknown task 'rotatoin'; choose from \[.*'rotation'.*\]"),
         ("task.options={all_rotation: true}", r"task.options.all_rotation.*\['all_rotations', 'head_hidden'\]"),
         ("train.global_batch_size=255", r"divisible by scaling.num_workers=2"),
         ("eval.baselines=[pixels]", r"unknown baseline 'pixels'.*raw_pixels"),
