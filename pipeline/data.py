@@ -72,14 +72,13 @@ class TrainShards(torch.utils.data.IterableDataset):
         worker, num_workers = worker_slot()
         urls = self.rank_urls
         split = len(urls) >= num_workers
+        # Workers that split the shards share a seed, so each pass they agree on one order.
         rng = random.Random(f"{self.seed}-{self.rank}-{0 if split else worker}")
-        epoch = 0
         while True:
             order = list(urls)
             rng.shuffle(order)
             for url in order[worker::num_workers] if split else order:
                 yield {"url": url}
-            epoch += 1
 
 
 def raise_with_shard(exn: Exception) -> bool:
