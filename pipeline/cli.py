@@ -155,6 +155,9 @@ def cmd_demo(args, overrides) -> None:
         write_fashion_mnist(cfg.data.root, args.src)
     data_done = time.perf_counter()
     run_dir = pretrain(cfg)
+    import ray
+
+    ray.shutdown()  # flushes the workers' last log lines now, not into the table, and frees memory for eval
     train_done = time.perf_counter()
     results = evaluate(run_dir)
     end = time.perf_counter()
