@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
-from pipeline.checkpoint import find_checkpoint
 from pipeline.data import check_urls
 from pipeline.shards import read_manifest, split_urls
 
@@ -51,7 +50,7 @@ def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
 def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | None = None, device: str | None = None,
                     data_root: str | None = None) -> dict[str, int]:
     """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
-    cfg, backbone, state = load_pretrained(find_checkpoint(path), data_root)
+    cfg, backbone, state = load_pretrained(path, data_root)
     manifest = read_manifest(cfg.data.root)
     decoder = checkpoint_decoder(state, require_label=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -149,7 +149,6 @@ def cmd_demo(args, overrides) -> None:
     from pipeline.shards import MANIFEST
 
     start = time.perf_counter()
-    args.resume = None
     cfg = load_config(args, overrides)
     if not (Path(cfg.data.root) / MANIFEST).is_file():
         write_fashion_mnist(cfg.data.root, args.src)

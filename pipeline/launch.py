@@ -85,16 +85,23 @@ def init_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), logging_level=logging.WARNING)
 
 
+def start_run(cfg: Config, resume: str | Path | None) -> Path:
+    """Resolves the checkpoint to resume from (on the driver, so every worker starts from exactly
+    that one), fixes and writes the run directory, and checks the data before any training starts."""
+    if resume:
+        cfg.train.resume_from = str(find_checkpoint(resume).resolve())
+    run_dir = prepare_run_dir(cfg)
+    log.info("run directory: %s", run_dir)
+    check_data(cfg)
+    return run_dir
+
+
 def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     """The same training loop in this one process, without Ray (checkpoints in RUN_DIR/checkpoints)."""
     from pipeline.session import LocalSession
     from pipeline.train import train_worker
 
-    if resume:
-        cfg.train.resume_from = str(find_checkpoint(resume).resolve())
-    run_dir = prepare_run_dir(cfg)
-    log.info("run directory: %s (one process, no Ray)", run_dir)
-    check_data(cfg)
+    run_dir = start_run(cfg, resume)
     train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints))
     plot_metrics(run_dir)
     return run_dir
@@ -111,12 +118,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
 
     from pipeline.train import train_loop_per_worker
 
-    if resume:
-        # Resolved now, on the driver: workers start from exactly this checkpoint.
-        cfg.train.resume_from = str(find_checkpoint(resume).resolve())
-    run_dir = prepare_run_dir(cfg)
-    log.info("run directory: %s", run_dir)
-    check_data(cfg)
+    run_dir = start_run(cfg, resume)
     check_local_resources(cfg)
     init_ray(cfg)
     check_cluster_resources(cfg)
