@@ -48,7 +48,12 @@ def check_data(cfg: Config) -> None:
 
     manifest = read_manifest(cfg.data.root)
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
-    decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    # Building the task once here surfaces impossible combinations (colorization on grayscale data,
+    # a jigsaw grid larger than the image) before any Ray worker starts.
+    from pipeline.train import build_task
+
+    build_task(cfg, manifest, decoder)
     if len(urls) < cfg.scaling.num_workers:
         raise ConfigError(
             f"split {cfg.data.train_split!r} of {cfg.data.root} has {len(urls)} shard(s) for scaling.num_workers={cfg.scaling.num_workers}: "

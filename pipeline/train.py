@@ -11,12 +11,12 @@ import torch
 
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data import check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
-from pretext import create_task
+from pretext import create_task, task_class
 
 log = logging.getLogger("sslpipe.train")
 
@@ -52,9 +52,18 @@ def autocast_factory(device: torch.device, enabled: bool):
     return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), scaler
 
 
-def build_task(cfg: Config, manifest: dict, image_size: int):
-    encoder = create_backbone(cfg.model, manifest["channels"])
-    return create_task(cfg.task.name, encoder=encoder, in_chans=manifest["channels"], image_size=image_size, **cfg.task.options)
+def build_task(cfg: Config, manifest: dict, decoder):
+    """The configured task on a fresh backbone; option errors raise ConfigError naming task.options."""
+    channels = manifest["channels"]
+    try:
+        encoder = create_backbone(cfg.model, task_class(cfg.task.name).encoder_in_chans(channels))
+        return create_task(cfg.task.name, encoder=encoder, in_chans=channels, image_size=decoder.image_size,
+                           data_mean=decoder.mean.flatten().tolist(), data_std=decoder.std.flatten().tolist(), **cfg.task.options)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"task {cfg.task.name!r} with options {cfg.task.options} on {channels}-channel "
+                          f"{decoder.image_size}px data: {err}") from err
 
 
 def train_worker(cfg: Config, session) -> dict:
@@ -66,7 +75,7 @@ def train_worker(cfg: Config, session) -> dict:
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
 
-    task = build_task(cfg, manifest, decoder.image_size).to(device)
+    task = build_task(cfg, manifest, decoder).to(device)
     total = cfg.train.steps
     # Linear scaling rule: optim.lr is quoted for a global batch of 256.
     lr = cfg.optim.lr * cfg.train.global_batch_size / 256
@@ -136,8 +145,9 @@ def train_worker(cfg: Config, session) -> dict:
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "config": cfg.to_dict(),
-                    "manifest": {"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
-                                 "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()},
+                    # How eval must decode for this backbone (the task may feed it other channels than the data's).
+                    "manifest": task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
+                                                    "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()}),
                 }
             # Every rank reports at the same steps; only rank 0 passes a checkpoint.
             session.report(metrics, state)

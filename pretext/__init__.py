@@ -4,22 +4,36 @@ from __future__ import annotations
 import inspect
 
 from pretext.base import PretextTask
+from pretext.context_encoder import ContextEncoder
+from pretext.context_prediction import ContextPrediction
+from pretext.denoising_autoencoder import DenoisingAutoencoder
 from pretext.exemplar import Exemplar
+from pretext.jigsaw import Jigsaw
+from pretext.multitask import MultiTask
 from pretext.rotation import Rotation
 
 TASKS: dict[str, type[PretextTask]] = {
     "rotation": Rotation,
     "exemplar": Exemplar,
+    "context_prediction": ContextPrediction,
+    "jigsaw": Jigsaw,
+    "denoising_autoencoder": DenoisingAutoencoder,
+    "context_encoder": ContextEncoder,
+    "multitask": MultiTask,
 }
 
 # Keyword arguments the pipeline passes itself; never set them under task.options.
-PIPELINE_ARGS = ("encoder", "in_chans", "image_size")
+PIPELINE_ARGS = ("encoder", "in_chans", "image_size", "data_mean", "data_std")
+
+
+def task_class(name: str) -> type[PretextTask]:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
 
 
 def create_task(name: str, **kwargs) -> PretextTask:
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+    return task_class(name)(**kwargs)
 
 
 def task_options(name: str) -> dict[str, object]:
@@ -42,4 +56,4 @@ def check_task_options(name: str, options: dict) -> None:
             raise ConfigError(f"task.options.{key}: task {name!r} has no option {key!r}; valid options: {sorted(valid)}")
 
 
-__all__ = ["TASKS", "PretextTask", "create_task", "task_options", "check_task_options"]
+__all__ = ["TASKS", "PretextTask", "create_task", "task_class", "task_options", "check_task_options"]

@@ -20,11 +20,16 @@ class PretextTask(nn.Module):
     eval stage reads the `encoder.` entries back into a bare timm model.
     """
 
-    def __init__(self, encoder: nn.Module, in_chans: int = 1, image_size: int = 32):
+    def __init__(self, encoder: nn.Module, in_chans: int = 1, image_size: int = 32,
+                 data_mean: list[float] | None = None, data_std: list[float] | None = None):
         super().__init__()
         self.encoder = encoder
-        self.in_chans = in_chans
+        self.in_chans = in_chans  # channels of the decoded data (the encoder may take fewer)
         self.image_size = image_size
+        # Per-channel statistics the decoder normalized with; tasks that must see raw pixel values
+        # (colorization converts to Lab) undo the normalization with them.
+        self.data_mean = list(data_mean) if data_mean is not None else [0.0] * in_chans
+        self.data_std = list(data_std) if data_std is not None else [1.0] * in_chans
         # The module whose __call__ drives forward: `self` in one process, a DDP wrapper of `self`
         # under Ray. Set with object.__setattr__ so nn.Module does not register it as a child
         # (a DDP child holding `self` would make .modules() recurse forever).
@@ -33,6 +38,17 @@ class PretextTask(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.encoder.num_features
+
+    @classmethod
+    def encoder_in_chans(cls, data_channels: int) -> int:
+        """Input channels of the backbone for data with `data_channels` (colorization feeds L only)."""
+        return data_channels
+
+    def encoder_input(self, decoded: dict) -> dict:
+        """How the eval stage must decode images for this task's backbone: `decoded` holds the
+        training decoder's mode, channels, image_size, mean and std; tasks feeding the backbone
+        something else (colorization: grayscale) return that instead."""
+        return decoded
 
     def sample_transform(self) -> Callable[[dict], tuple[Any, Any]]:
         """A picklable callable mapping a decoded sample dict to `(inputs, target)`."""
@@ -58,7 +74,11 @@ class PretextTask(nn.Module):
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)
         scaler.update()
+        self.after_step()
         return out
+
+    def after_step(self) -> None:
+        """Runs after every optimizer step (momentum encoders update here)."""
 
 
 def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

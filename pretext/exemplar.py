@@ -3,13 +3,16 @@ augmented views (Dosovitskiy et al., NeurIPS 2014, reformulated as metric learni
 Wu et al. 2018 and Chen et al., SimCLR, 2020; loss: van den Oord et al. 2018)."""
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
 from pretext.heads import MLPHead
-from pretext.losses import info_nce
+from pretext.losses import gather_with_grad, info_nce
 
 
 class IntensityJitter:
@@ -54,14 +57,28 @@ class Exemplar(PretextTask):
         crop_scale: area range of the random resized crop.
         jitter: strength of colour (RGB) or intensity (grayscale) jitter.
         gather: use the other workers' samples as negatives (gradients flow through the gather).
+        queue_size: 0 for SimCLR-style in-batch negatives; > 0 adds a MoCo queue (He et al. 2020):
+            keys come from a momentum copy of encoder and head, and the last `queue_size` keys of the
+            global batch serve as extra negatives.
+        key_momentum: EMA factor of the momentum key encoder (MoCo: 0.999 over 800 epochs; shorter
+            runs need a faster key encoder).
     """
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, proj_dim: int = 128, proj_hidden: list[int] = (512,),
-                 crop_scale: list[float] = (0.3, 1.0), jitter: float = 0.4, gather: bool = True, **kwargs):
+                 crop_scale: list[float] = (0.3, 1.0), jitter: float = 0.4, gather: bool = True,
+                 queue_size: int = 0, key_momentum: float = 0.99, **kwargs):
         super().__init__(encoder, **kwargs)
+        if queue_size < 0 or not 0 <= key_momentum < 1:
+            raise ValueError(f"queue_size={queue_size} must be >= 0 and key_momentum={key_momentum} in [0, 1)")
         self.temperature, self.gather = temperature, gather
         self.crop_scale, self.jitter = tuple(crop_scale), jitter
         self.head = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
+        self.queue_size, self.key_momentum = queue_size, key_momentum
+        if queue_size:
+            self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+            self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+            self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
 
     def sample_transform(self) -> TwoViews:
         return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter)
@@ -69,5 +86,32 @@ class Exemplar(PretextTask):
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         batch = inputs.shape[0]  # inputs: (B, 2, C, H, W)
         z = self.head(self.encoder(inputs.flatten(0, 1))).view(batch, 2, -1)  # (B, 2, D)
-        loss, accuracy = info_nce(z[:, 0], z[:, 1], self.temperature, gather=self.gather)
-        return {"loss": loss, "accuracy": accuracy.detach()}
+        if not self.queue_size:
+            loss, accuracy = info_nce(z[:, 0], z[:, 1], self.temperature, gather=self.gather)
+            return {"loss": loss, "accuracy": accuracy.detach()}
+        with torch.no_grad():
+            keys = self.key_head(self.key_encoder(inputs.flatten(0, 1))).view(batch, 2, -1)
+        queue = self.queue.clone()  # the loss must see the queue as it was before this batch's keys
+        # Symmetrized MoCo: each view's query against the other view's key, the batch's keys and the queue.
+        losses = [info_nce(z[:, a], keys[:, 1 - a], self.temperature, gather=self.gather, extra_negatives=queue) for a in (0, 1)]
+        if self.training:
+            self.enqueue(keys[:, 1])
+        return {"loss": (losses[0][0] + losses[1][0]) / 2, "accuracy": ((losses[0][1] + losses[1][1]) / 2).detach()}
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        keys = F.normalize(gather_with_grad(keys.float())[0], dim=1)[-self.queue_size:]  # every worker appends the same global batch
+        positions = (self.queue_next + torch.arange(keys.shape[0], device=keys.device)) % self.queue_size
+        self.queue[positions] = keys
+        self.queue_next.copy_((self.queue_next + keys.shape[0]) % self.queue_size)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if not self.queue_size:
+            return
+        # The key encoder trails the online one: an exponential moving average of its weights.
+        for online, key in ((self.encoder, self.key_encoder), (self.head, self.key_head)):
+            for p_online, p_key in zip(online.parameters(), key.parameters()):
+                p_key.lerp_(p_online.detach(), 1 - self.key_momentum)
+            for b_online, b_key in zip(online.buffers(), key.buffers()):
+                b_key.copy_(b_online)

@@ -1,7 +1,8 @@
 """Heads shared by pretext tasks (composable parts, not superclasses)."""
 from __future__ import annotations
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 class MLPHead(nn.Sequential):
@@ -15,3 +16,39 @@ class MLPHead(nn.Sequential):
             dim = hidden
         layers.append(nn.Linear(dim, out_dim))
         super().__init__(*layers)
+
+
+def feature_maps(encoder: nn.Module, images: Tensor, levels: int = 1) -> list[Tensor]:
+    """The last `levels` feature maps of a timm backbone (coarsest last), through its
+    `forward_intermediates` (timm's successor to `features_only`, which keeps the model's own
+    parameter names, so the eval stage can load the weights into a plain timm model)."""
+    if not hasattr(encoder, "forward_intermediates"):
+        raise ValueError(f"backbone {type(encoder).__name__} has no forward_intermediates(): dense tasks need a timm model that exposes feature maps")
+    return encoder.forward_intermediates(images, indices=levels, intermediates_only=True)
+
+
+class ConvDecoder(nn.Module):
+    """Upsamples a (B, C, h, w) feature map to (B, out_chans, H, W): 2x nearest-upsampling + 3x3
+    conv + BatchNorm + ReLU blocks until the map reaches the output size, then a 1x1 projection
+    (the shared decoder of the reconstruction tasks)."""
+
+    def __init__(self, in_dim: int, in_size: int, out_chans: int, out_size: int, width: int = 128, min_width: int = 32):
+        super().__init__()
+        self.out_size = out_size
+        self.inp = nn.Sequential(nn.Conv2d(in_dim, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        blocks, size, dim = [], max(in_size, 1), width
+        while size < out_size:
+            narrower = max(dim // 2, min_width)
+            blocks.append(nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(dim, narrower, 3, padding=1, bias=False), nn.BatchNorm2d(narrower), nn.ReLU(inplace=True),
+            ))
+            size, dim = size * 2, narrower
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(dim, out_chans, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.inp(x))
+        if x.shape[-1] != self.out_size or x.shape[-2] != self.out_size:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return self.out(x)

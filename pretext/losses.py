@@ -17,21 +17,25 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
 
 
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool = False,
-             query_negatives: bool = True, normalize: bool = True) -> tuple[Tensor, Tensor]:
+             query_negatives: bool = True, normalize: bool = True, extra_negatives: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """InfoNCE (van den Oord et al. 2018) for paired embeddings; returns (loss, top-1 accuracy).
 
     Row i of `query` (N, D) is positive with row i of `key` (N, D). With `query_negatives` (NT-Xent,
     SimCLR) the loss is symmetric and every other embedding of both views is a negative: 2M - 1
     candidates per row for a global batch of M. Without it (CPC, cross-modal), the candidates are the
     M keys and the loss runs query -> key only. `gather` uses the batches of all Ray/DDP workers as
-    negatives, with gradients flowing back through the gather.
+    negatives, with gradients flowing back through the gather. `extra_negatives` (K, D), e.g. a MoCo
+    queue of earlier keys, are appended as candidates for every row (query -> key direction only).
     """
     if normalize:
         query, key = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+        if extra_negatives is not None:
+            extra_negatives = F.normalize(extra_negatives.float(), dim=1)
     all_keys, offset = gather_with_grad(key) if gather else (key, 0)
     targets = torch.arange(query.shape[0], device=query.device) + offset
-    if not query_negatives:
-        logits = query @ all_keys.T / temperature  # (N, M)
+    if not query_negatives or extra_negatives is not None:
+        candidates = all_keys if extra_negatives is None else torch.cat([all_keys, extra_negatives.to(all_keys.dtype)])
+        logits = query @ candidates.T / temperature  # (N, M [+ K])
         return F.cross_entropy(logits, targets), (logits.argmax(1) == targets).float().mean()
     all_queries, _ = gather_with_grad(query) if gather else (query, 0)
     total = all_keys.shape[0]

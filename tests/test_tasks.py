@@ -34,13 +34,26 @@ def fixed_batch(task, count: int = 16):
     return collate([transform(s) for s in sample_dicts(count)])
 
 
+# Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces).
+INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4}
+
+
+def leaves(value) -> dict:
+    """{path: tensor} of a transform output (multitask nests one output per sub-task)."""
+    if isinstance(value, dict):
+        return {f"{name}/{path}": leaf for name, sub in value.items() for path, leaf in leaves(sub).items()}
+    return {"": value}
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_transform_outputs_tensors(name):
     task = make_task(name)
     inputs, target = task.sample_transform()(sample_dicts(1)[0])
-    assert isinstance(inputs, torch.Tensor) and inputs.dtype == torch.float32
-    assert inputs.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
-    assert isinstance(target, torch.Tensor)
+    for path, tensor in leaves(inputs).items():
+        assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32, path
+        side = INPUT_SIZES.get(path.split("/")[0] or name, IMAGE_SIZE)
+        assert tensor.shape[-2:] == (side, side), (path, tensor.shape)
+    assert all(isinstance(t, torch.Tensor) for t in leaves(target).values())
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
