@@ -37,10 +37,12 @@ def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Con
     return cfg, backbone, state
 
 
-def checkpoint_decoder(state: dict, require_label: bool = True) -> ImageDecoder:
-    """Decodes exactly as pretraining did: the checkpoint's colour mode, size and normalization."""
+def checkpoint_decoder(state: dict, require_label: bool = True, image_size: int = 0) -> ImageDecoder:
+    """Decodes as pretraining did: the checkpoint's colour mode and normalization, and its size
+    unless `image_size` asks for another (patch tasks train on upscaled images, whole images at the
+    native size are what a downstream user feeds)."""
     info = state["manifest"]
-    return ImageDecoder(info["mode"], info["image_size"], info["mean"], info["std"], require_label)
+    return ImageDecoder(info["mode"], image_size or info["image_size"], info["mean"], info["std"], require_label)
 
 
 def score(train: Features, test: Features, cfg: Config) -> dict:
@@ -54,14 +56,18 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     return result
 
 
-def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None) -> dict:
-    """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png."""
+def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None,
+             baselines: list[str] | None = None) -> dict:
+    """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png.
+    `baselines` replaces the config's eval.baselines (a benchmark scores them once for many runs)."""
     start = time.perf_counter()
     checkpoint = find_checkpoint(path)
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
+    if baselines is not None:
+        cfg.eval.baselines = baselines
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(cfg.data.root)
-    decoder = checkpoint_decoder(state, require_label=True)
+    decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size)
     splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
 
     models: dict[str, nn.Module | None] = {}
@@ -88,6 +94,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "backbone": cfg.model.backbone,
         "dataset": manifest["name"],
         "step": state["step"],
+        "image_size": decoder.image_size,
         "knn_k": cfg.eval.knn_k,
         "knn_temperature": cfg.eval.knn_temperature,
         "rows": rows,

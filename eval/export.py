@@ -52,7 +52,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
     cfg, backbone, state = load_pretrained(path, data_root)
     manifest = read_manifest(cfg.data.root)
-    decoder = checkpoint_decoder(state, require_label=False)
+    decoder = checkpoint_decoder(state, require_label=False, image_size=cfg.eval.image_size)  # as `sslpipe eval` scores them
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

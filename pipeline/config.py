@@ -82,6 +82,7 @@ class EvalConfig:
     batch_size: int = 512
     loader_workers: int = 1
     baselines: list[str] = field(default_factory=lambda: ["raw_pixels", "random_init"])
+    image_size: int = 0  # 0: the size pretraining fed the backbone; else evaluate whole images at this size
 
 
 @dataclass
@@ -105,14 +106,7 @@ class Config:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "Config":
         """Reads a YAML file (or starts from defaults), applies `key.sub=value` overrides, validates."""
-        values: dict = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
-            values = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(values, dict):
-                raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        values = read_yaml(Path(path)) if path is not None else {}
         for item in overrides:
             apply_override(values, item)
         return cls.from_dict(values)
@@ -122,6 +116,34 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and this
+    file's keys are merged over it, section by section."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config file {str(path)!r}: `extends` loops back to {str(base_path)!r}")
+    return deep_merge(read_yaml(base_path, (*seen, path.resolve())), values)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        # Task options replace rather than merge: options of one task mean nothing to another.
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(values: dict, item: str) -> None:
@@ -240,6 +262,7 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "scaling.max_failures": cfg.scaling.max_failures,
         "eval.loader_workers": cfg.eval.loader_workers,
+        "eval.image_size": cfg.eval.image_size,
     }
     for key, value in non_negative.items():
         if value < 0:

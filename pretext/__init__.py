@@ -6,6 +6,7 @@ import inspect
 from pretext.base import PretextTask
 from pretext.context_encoder import ContextEncoder
 from pretext.context_prediction import ContextPrediction
+from pretext.cpc import CPC
 from pretext.denoising_autoencoder import DenoisingAutoencoder
 from pretext.exemplar import Exemplar
 from pretext.jigsaw import Jigsaw
@@ -17,6 +18,7 @@ TASKS: dict[str, type[PretextTask]] = {
     "exemplar": Exemplar,
     "context_prediction": ContextPrediction,
     "jigsaw": Jigsaw,
+    "cpc": CPC,
     "denoising_autoencoder": DenoisingAutoencoder,
     "context_encoder": ContextEncoder,
     "multitask": MultiTask,

@@ -83,12 +83,15 @@ class CPC(PretextTask):
     Every patch is encoded by the shared backbone into z (B, D, G, G); a 1x1 projection and residual
     row-causal convolutions give the context c (B, context_dim, G, G), where c at row i depends on
     rows <= i only; for each k a linear map W_k (1x1 conv) predicts z[:, :, i+k, j] from c[:, :, i, j].
-    The candidates for a prediction are all patch codes at rows >= k of the global batch.
+    The candidates for a prediction are the actual codes of all predictions scored for k in the global batch.
 
     Args:
         patch_size: side of the square patches in pixels.
         patch_stride: distance between neighbouring patch origins (patch_size / 2 gives Hénaff's 50% overlap).
         pred_steps: the row offsets k to predict, each between 1 and G-1; the loss averages over them.
+        queries_per_image: predictions scored per image and offset, at random positions (all positions
+            when there are fewer): caps the InfoNCE cost, quadratic in the candidates of the batch
+            (scoring all 42 positions of a 7x7 grid for k=1 costs more than encoding the patches).
         context_dim: width of the context network.
         context_layers: residual blocks of the context network (each sees 2 more rows above).
         temperature: InfoNCE temperature.
@@ -98,9 +101,11 @@ class CPC(PretextTask):
         gather: use the other workers' patches as negatives (gradients flow through the gather).
     """
 
+    # Patch 8, stride 4: van den Oord's 64 px patches at stride 32 on 256 px images scaled to 32 px,
+    # the same 7x7 grid (6x6 at Fashion-MNIST's 28 px, 3x3 at 16 px, so pred_steps (1, 2) fit all three).
     def __init__(self, encoder: nn.Module, patch_size: int = 8, patch_stride: int = 4, pred_steps: tuple[int, ...] = (1, 2),
-                 context_dim: int = 128, context_layers: int = 3, temperature: float = 0.1, normalize: bool = True,
-                 jitter: int = 1, flip: bool = True, gather: bool = True, **kwargs):
+                 queries_per_image: int = 8, context_dim: int = 128, context_layers: int = 3, temperature: float = 0.1,
+                 normalize: bool = True, jitter: int = 1, flip: bool = True, gather: bool = True, **kwargs):
         super().__init__(encoder, **kwargs)
         self.grid = grid_size(self.image_size, patch_size, patch_stride)
         if self.grid < 2:
@@ -111,14 +116,18 @@ class CPC(PretextTask):
             )
         self.pred_steps = tuple(int(k) for k in pred_steps)
         if not self.pred_steps or len(set(self.pred_steps)) != len(self.pred_steps) or not all(1 <= k < self.grid for k in self.pred_steps):
-            raise ValueError(f"cpc pred_steps={tuple(pred_steps)}: needs distinct row offsets between 1 and {self.grid - 1} for the {self.grid}x{self.grid} grid")
-        if jitter < 0:
-            raise ValueError(f"cpc jitter={jitter}: must be >= 0")
+            raise ValueError(f"cpc pred_steps={tuple(pred_steps)}: needs distinct row offsets between 1 and "
+                             f"{self.grid - 1} for the {self.grid}x{self.grid} grid")
+        if queries_per_image < 1 or jitter < 0:
+            raise ValueError(f"cpc queries_per_image={queries_per_image}, jitter={jitter}: "
+                             f"need queries_per_image >= 1 and jitter >= 0")
+        self.queries_per_image = queries_per_image
         self.patch_size, self.patch_stride, self.jitter, self.flip = patch_size, patch_stride, jitter, flip
         # Cosine similarity with a temperature (as in SimCLR/MoCo) rather than the papers' raw dot
         # products: bounded logits keep the loss stable at high learning rates and under autocast.
         self.temperature, self.normalize, self.gather = temperature, normalize, gather
-        self.context = nn.Sequential(nn.Conv2d(self.embed_dim, context_dim, 1), *[ContextBlock(context_dim) for _ in range(context_layers)])
+        self.context = nn.Sequential(nn.Conv2d(self.embed_dim, context_dim, 1),
+                                     *[ContextBlock(context_dim) for _ in range(context_layers)])
         self.predictors = nn.ModuleList(nn.Conv2d(context_dim, self.embed_dim, 1) for _ in self.pred_steps)
 
     def patch_origins(self) -> Tensor:
@@ -134,15 +143,29 @@ class CPC(PretextTask):
         z = self.encoder(inputs.flatten(0, 1)).view(batch, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         return z, self.context(z)
 
+    def prediction_pairs(self, z: Tensor, c: Tensor, k: int, predictor: nn.Module) -> tuple[Tensor, Tensor]:
+        """(N, D) predictions and (N, D) actual codes of the patches k rows below: one row per sampled
+        (image, row, column), image-major; at most `queries_per_image` positions of each image."""
+        prediction = predictor(c[:, :, :-k]).flatten(2)  # (B, D, P) from rows 0..G-k-1 ...
+        actual = z[:, :, k:].flatten(2)  # ... and the codes k rows below, P = (G-k) * G
+        batch, dim, positions = actual.shape
+        if self.queries_per_image < positions:
+            # A fresh random subset of positions per image and step: the logits cost grows with the
+            # square of the number of candidates, which all positions of a large batch make dominant.
+            pick = torch.rand(batch, positions, device=z.device).argsort(1)[:, : self.queries_per_image]
+            index = pick[:, None].expand(-1, dim, -1)
+            prediction, actual = prediction.gather(2, index), actual.gather(2, index)
+        return prediction.transpose(1, 2).flatten(0, 1).float(), actual.transpose(1, 2).flatten(0, 1).float()
+
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         z, c = self.encode(inputs)
         losses, accuracies = [], []
         for k, predictor in zip(self.pred_steps, self.predictors):
-            prediction = predictor(c[:, :, :-k])  # from rows 0..G-k-1 ...
-            actual = z[:, :, :-k]  # ... of the patches k rows below
-            # One row per (image, row, column); the other rows of `actual` are the negatives.
-            query, key = (t.permute(0, 2, 3, 1).flatten(0, 2).float() for t in (prediction, actual))
-            loss, accuracy = info_nce(query, key, self.temperature, gather=self.gather, query_negatives=False, normalize=self.normalize)
+            # Every other actual code (other positions of the same image, other images, other workers'
+            # images with `gather`) is a negative for each prediction.
+            query, key = self.prediction_pairs(z, c, k, predictor)
+            loss, accuracy = info_nce(query, key, self.temperature, gather=self.gather, query_negatives=False,
+                                      normalize=self.normalize)
             losses.append(loss)
             accuracies.append(accuracy)
         return {"loss": torch.stack(losses).mean(), "accuracy": torch.stack(accuracies).mean().detach()}

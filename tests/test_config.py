@@ -69,3 +69,30 @@ def test_more_workers_than_cpus_fails_before_ray_starts():
     cfg = Config.load(None, [f"scaling.num_workers={os.cpu_count() + 1}", f"train.global_batch_size={(os.cpu_count() + 1) * 8}"])
     with pytest.raises(ConfigError, match="scaling.num_workers"):
         check_local_resources(cfg)
+
+
+def test_extends_merges_sections_and_replaces_task_options(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "train:\n  steps: 10\n  seed: 3\ntask:\n  name: rotation\n  options: {all_rotations: true}\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\ntrain:\n  steps: 20\ntask:\n  name: exemplar\n  options: {temperature: 0.5}\n")
+    cfg = Config.load(tmp_path / "child.yaml")
+    assert (cfg.train.steps, cfg.train.seed) == (20, 3)
+    assert cfg.task.name == "exemplar" and cfg.task.options == {"temperature": 0.5}
+
+
+def test_extends_loop_and_missing_base_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        Config.load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        Config.load(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_keep_the_demo_backbone(path):
+    cfg = Config.load(path)
+    # Every task config shares the demo's backbone, so the quality benchmark compares like with like.
+    assert cfg.model.backbone_kwargs == Config.load(Path(path).parent / "rotation_fmnist.yaml").model.backbone_kwargs

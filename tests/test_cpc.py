@@ -50,6 +50,11 @@ def test_grid_shape_and_each_patch_is_the_crop_at_its_position():
     assert len(pickle.dumps(task.sample_transform())) < 10_000
 
 
+def crop(image: torch.Tensor, y: int, x: int, flip: bool, size: int = 8) -> torch.Tensor:
+    patch = image[:, y : y + size, x : x + size]
+    return patch.flip(-1) if flip else patch
+
+
 def test_augmented_patches_are_flipped_or_shifted_crops_near_their_position():
     task = make_task(jitter=1, flip=True)
     image = sample_dicts(1)[0]["image"]
@@ -63,7 +68,7 @@ def test_augmented_patches_are_flipped_or_shifted_crops_near_their_position():
                 for y in range(max(y0 - 1, 0), min(y0 + 1, IMAGE_SIZE - 8) + 1)
                 for x in range(max(x0 - 1, 0), min(x0 + 1, IMAGE_SIZE - 8) + 1)
                 for flip in (False, True)
-                if torch.equal(patch, (lambda crop: crop.flip(-1) if flip else crop)(image[:, y : y + 8, x : x + 8]))
+                if torch.equal(patch, crop(image, y, x, flip))
             }
             assert matches, "patch is no crop within 1 px of its grid position"
             seen_flip |= all(flip for _, _, flip in matches)
@@ -92,15 +97,14 @@ def test_context_at_a_row_sees_only_that_row_and_the_rows_above(row):
         same_row[:, row] = torch.randn_like(same_row[:, row])
         _, c_same_row = task.encode(same_row.view_as(inputs))
     assert torch.allclose(c_below[:, :, : row + 1], c[:, :, : row + 1], atol=1e-5)
-    if row + 1 < grid:
-        assert not torch.allclose(c_below[:, :, row + 1 :], c[:, :, row + 1 :], atol=1e-3)
+    assert not torch.allclose(c_below[:, :, row + 1 :], c[:, :, row + 1 :], atol=1e-3)
     assert not torch.allclose(c_same_row[:, :, row], c[:, :, row], atol=1e-3)
     assert torch.allclose(c_same_row[:, :, :row], c[:, :, :row], atol=1e-5)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_loss_equals_cross_entropy_on_explicit_logits(normalize):
-    task = make_task(pred_steps=(1, 2), temperature=0.5, normalize=normalize).eval()
+    task = make_task(pred_steps=(1, 2), temperature=0.5, normalize=normalize, queries_per_image=100).eval()
     inputs, target = fixed_batch(task, 3)
     out = task(inputs, target)
     z, c = task.encode(inputs)
@@ -118,6 +122,26 @@ def test_loss_equals_cross_entropy_on_explicit_logits(normalize):
         accuracies.append((logits.argmax(1) == torch.arange(len(pairs))).float().mean())
     assert torch.allclose(out["loss"], torch.stack(losses).mean(), atol=1e-5)
     assert torch.allclose(out["accuracy"], torch.stack(accuracies).mean())
+
+
+def test_sampled_queries_are_distinct_positions_paired_with_the_patch_k_rows_below():
+    task = make_task(image_size=24, queries_per_image=5, pred_steps=(1, 3)).eval()  # 5x5 grid
+    inputs, _ = fixed_batch(task, 4)
+    with torch.no_grad():
+        z, c = task.encode(inputs)
+        for k, predictor in zip(task.pred_steps, task.predictors):
+            full = predictor(c)
+            query, key = task.prediction_pairs(z, c, k, predictor)
+            assert query.shape == key.shape == (4 * 5, task.embed_dim)
+            for b in range(4):
+                found = []
+                for n in range(b * 5, b * 5 + 5):  # image-major rows
+                    hits = [(i, j) for i in range(task.grid - k) for j in range(task.grid) if torch.allclose(query[n], full[b, :, i, j])]
+                    assert len(hits) == 1, "a prediction is no prediction of this image"
+                    i, j = hits[0]
+                    assert torch.equal(key[n], z[b, :, i + k, j]), "the key is not the patch k rows below"
+                    found.append(hits[0])
+                assert len(set(found)) == 5, "an image's sampled positions repeat"
 
 
 def test_train_step_gives_every_parameter_a_gradient():
@@ -148,6 +172,7 @@ def test_twenty_steps_lower_the_loss_on_a_fixed_batch():
     ({"pred_steps": (0,)}, 32, "pred_steps"),
     ({"pred_steps": ()}, 32, "pred_steps"),
     ({"jitter": -1}, 16, "jitter"),
+    ({"queries_per_image": 0}, 16, "queries_per_image"),
 ])
 def test_bad_options_raise_value_error_naming_them(options, image_size, match):
     with pytest.raises(ValueError, match=match):

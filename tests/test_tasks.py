@@ -35,7 +35,7 @@ def fixed_batch(task, count: int = 16):
 
 
 # Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces).
-INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4}
+INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4, "cpc": 8}
 
 
 def leaves(value) -> dict:

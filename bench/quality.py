@@ -1,0 +1,200 @@
+"""Representation quality of every pretext task under one compute budget, on Fashion-MNIST.
+
+    python -m bench.quality [--budget-s 120] [--tasks rotation,exemplar,...] [--out runs/bench-quality]
+
+Each task runs its config (configs/<task>_fmnist.yaml: same backbone, data, workers and batch),
+pretrains under Ray Train for as many steps as its measured step time fits into the budget, then the
+eval stage scores its frozen backbone (kNN and linear probe on the test split, whole 28 px images).
+Raw pixels and the random-init backbone are scored once. Results accumulate in OUT/quality.json,
+so an interrupted benchmark continues where it stopped; OUT/quality.md and quality.png hold the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError
+
+log = logging.getLogger("sslpipe.bench")
+
+TASK_CONFIGS = {
+    "rotation": "configs/rotation_fmnist.yaml",
+    "exemplar": "configs/exemplar_fmnist.yaml",
+    "context_prediction": "configs/context_prediction_fmnist.yaml",
+    "jigsaw": "configs/jigsaw_fmnist.yaml",
+    "cpc": "configs/cpc_fmnist.yaml",
+    "denoising_autoencoder": "configs/denoising_autoencoder_fmnist.yaml",
+    "context_encoder": "configs/context_encoder_fmnist.yaml",
+    "multitask": "configs/multitask_fmnist.yaml",
+    # Refuses grayscale data: the row records the refusal.
+    "colorization": "configs/colorization.yaml",
+}
+
+
+def step_seconds(cfg: Config, repeats: int = 5) -> float:
+    """Median seconds of one training step of one worker (its share of the global batch, its
+    threads), on batches made by the task's own transform: what sizes the step budget."""
+    from pipeline.data import collate, decoder_for
+    from pipeline.shards import read_manifest
+    from pipeline.train import autocast_factory, build_task
+
+    manifest = read_manifest(cfg.data.root)
+    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    try:
+        task = build_task(cfg, manifest, decoder)
+        transform = task.sample_transform()
+        size = decoder.image_size
+        batch = collate([transform({"image": torch.randn(manifest["channels"], size, size), "label": 0, "key": "k"})
+                         for _ in range(cfg.train.global_batch_size // cfg.scaling.num_workers)])
+        optimizers = task.make_optimizers(cfg.optim, cfg.optim.lr)
+        autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
+        task.train_step(batch, optimizers, scaler, autocast)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            task.train_step(batch, optimizers, scaler, autocast)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: list[str]) -> dict:
+    from eval.evaluate import evaluate
+    from pipeline.launch import check_data, pretrain
+    from pipeline.metrics import read_metrics
+
+    run_dir = out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a rerun starts clean: old metrics and checkpoints would mix in
+    cfg = Config.load(TASK_CONFIGS[name], [f"--data.root={data_root}", f"--run_dir={run_dir}"])
+    try:
+        check_data(cfg)
+    except ConfigError as err:
+        return {"task": name, "refused": str(err)}
+    seconds = step_seconds(cfg)
+    steps = max(50, int(budget_s / seconds))
+    cfg.train.steps = steps
+    cfg.train.checkpoint_every = steps
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, steps // 10)
+    log.info("%s: %.0f ms per step -> %d steps in %.0f s", name, 1000 * seconds, steps, budget_s)
+    start = time.perf_counter()
+    run_dir = pretrain(cfg)
+    train_s = time.perf_counter() - start
+    last = read_metrics(run_dir)[-1]
+    results = evaluate(run_dir, baselines=baselines)
+    return {
+        "task": name,
+        "image_size": cfg.data.image_size or 28,
+        "eval_image_size": results["image_size"],
+        "steps": steps,
+        "epochs": last["epoch"],
+        "step_ms": round(1000 * seconds),
+        "pretrain_s": round(train_s, 1),
+        "eval_s": results["seconds"],
+        "final_loss": last["loss"],
+        "final_accuracy": last.get("accuracy"),
+        "rows": results["rows"],
+        "run_dir": str(run_dir),
+    }
+
+
+def table(report: dict) -> str:
+    lines = ["| features | pretrain size | steps (epochs) | pretrain wall s | linear top-1 | kNN top-1 (k=20) | kNN top-1 (k=200) |",
+             "|---|---|---|---|---|---|---|"]
+    baselines = report.get("baselines", {})
+    for name, label in (("raw_pixels", "raw pixels"), ("random_init", "random-init backbone")):
+        if name in baselines:
+            row = baselines[name]
+            lines.append(f"| {label} | 28 | - | - | {100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f} |")
+    for entry in report["tasks"].values():
+        if "refused" in entry:
+            lines.append(f"| {entry['task']} | - | - | - | refused: {entry['refused'].split(':', 1)[-1].strip()[:90]} | | |")
+            continue
+        row = entry["rows"]["pretrained"]
+        lines.append(f"| {entry['task']} | {entry['image_size']} | {entry['steps']} ({entry['epochs']:.1f}) | {entry['pretrain_s']:.0f} | "
+                     f"{100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in report["tasks"].values() if "rows" in e]
+    names = [e["task"] for e in entries]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for offset, (metric, label) in enumerate((("linear", "linear"), ("knn20", "kNN k=20"))):
+        values = [100 * (e["rows"]["pretrained"]["linear"] if metric == "linear" else e["rows"]["pretrained"]["knn"]["20"]) for e in entries]
+        bars = ax.bar([i + 0.4 * offset for i in range(len(names))], values, 0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    for name, style in (("raw_pixels", "--"), ("random_init", ":")):
+        if name in report.get("baselines", {}):
+            ax.axhline(100 * report["baselines"][name]["linear"], linestyle=style, color="gray", label=f"{name} (linear)")
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=20, ha="right")
+    ax.set_ylim(50, 95)
+    ax.set_ylabel("Fashion-MNIST test top-1 (%)")
+    ax.set_title(f"pretext tasks, {report['budget_s']:.0f} s step budget each")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of measured step time per task (per worker)")
+    parser.add_argument("--tasks", default=",".join(TASK_CONFIGS), help=f"comma-separated subset of {list(TASK_CONFIGS)}")
+    parser.add_argument("--data", default="data/fashion-mnist", help="shards of Fashion-MNIST (written if missing)")
+    parser.add_argument("--out", default="runs/bench-quality")
+    parser.add_argument("--rerun", action="store_true", help="run tasks again even when OUT/quality.json has them")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(TASK_CONFIGS))
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASK_CONFIGS)}")
+
+    from pipeline.ingest import write_fashion_mnist
+    from pipeline.shards import MANIFEST
+
+    if not (Path(args.data) / MANIFEST).is_file():
+        write_fashion_mnist(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "quality.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"tasks": {}}
+    report["budget_s"] = args.budget_s
+    for name in tasks:
+        if name in report["tasks"] and not args.rerun:
+            log.info("%s: already in %s", name, report_path)
+            continue
+        baselines = [] if "baselines" in report else ["raw_pixels", "random_init"]
+        entry = run_task(name, args.data, args.budget_s, out, baselines)
+        if "rows" in entry and baselines:
+            report["baselines"] = {b: entry["rows"][b] for b in baselines}
+        report["tasks"][name] = entry
+        report_path.write_text(json.dumps(report, indent=2))  # after every task: nothing is lost on a stop
+        (out / "quality.md").write_text(table(report) + "\n")
+        plot(report, out / "quality.png")
+        print(table(report), flush=True)
+    import ray
+
+    ray.shutdown()
+    print(f"\nwrote {report_path}, {out / 'quality.md'}, {out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
