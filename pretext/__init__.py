@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 
 from pretext.base import PretextTask
+from pretext.colorization import Colorization
 from pretext.context_encoder import ContextEncoder
 from pretext.context_prediction import ContextPrediction
 from pretext.cpc import CPC
@@ -19,6 +20,7 @@ TASKS: dict[str, type[PretextTask]] = {
     "context_prediction": ContextPrediction,
     "jigsaw": Jigsaw,
     "cpc": CPC,
+    "colorization": Colorization,
     "denoising_autoencoder": DenoisingAutoencoder,
     "context_encoder": ContextEncoder,
     "multitask": MultiTask,

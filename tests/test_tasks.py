@@ -15,23 +15,34 @@ from tests.conftest import TINY_BACKBONE, synthetic_images
 IMAGE_SIZE = 16
 
 
+def data_channels(name: str) -> int:
+    """Grayscale data, except for tasks that refuse it (colorization needs RGB)."""
+    try:
+        TASKS[name].encoder_in_chans(1)
+        return 1
+    except ConfigError:
+        return 3
+
+
 def make_task(name: str, **options):
     torch.manual_seed(0)
-    encoder = create_backbone(ModelConfig(**TINY_BACKBONE), in_chans=1)
-    return create_task(name, encoder=encoder, in_chans=1, image_size=IMAGE_SIZE, **options)
+    channels = data_channels(name)
+    encoder = create_backbone(ModelConfig(**TINY_BACKBONE), in_chans=TASKS[name].encoder_in_chans(channels))
+    return create_task(name, encoder=encoder, in_chans=channels, image_size=IMAGE_SIZE, **options)
 
 
-def sample_dicts(count: int = 16) -> list[dict]:
+def sample_dicts(count: int = 16, channels: int = 1) -> list[dict]:
     images, labels = synthetic_images(count, IMAGE_SIZE)
+    tint = torch.tensor([1.0, 0.6, 0.2][:channels]).view(-1, 1, 1)  # RGB glyphs are coloured
     return [
-        {"image": torch.from_numpy(img).float().div(255).sub(0.3).unsqueeze(0), "label": int(lab), "key": f"k{i}"}
+        {"image": (torch.from_numpy(img).float().div(255) * tint).sub(0.3), "label": int(lab), "key": f"k{i}"}
         for i, (img, lab) in enumerate(zip(images, labels))
     ]
 
 
 def fixed_batch(task, count: int = 16):
     transform = task.sample_transform()
-    return collate([transform(s) for s in sample_dicts(count)])
+    return collate([transform(s) for s in sample_dicts(count, task.in_chans)])
 
 
 # Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces).
@@ -48,7 +59,7 @@ def leaves(value) -> dict:
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_transform_outputs_tensors(name):
     task = make_task(name)
-    inputs, target = task.sample_transform()(sample_dicts(1)[0])
+    inputs, target = task.sample_transform()(sample_dicts(1, task.in_chans)[0])
     for path, tensor in leaves(inputs).items():
         assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32, path
         side = INPUT_SIZES.get(path.split("/")[0] or name, IMAGE_SIZE)

@@ -78,6 +78,21 @@ def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
         check_data(cfg)
 
 
+@pytest.mark.parametrize("task, options, message", [
+    ("colorization", {}, "needs RGB data"),
+    ("jigsaw", {"grid": 5}, "grid=5"),
+    ("cpc", {"patch_size": 20}, "patch_size=20"),
+])
+def test_impossible_task_for_the_data_fails_before_ray(shards, tmp_path, task, options, message):
+    from pipeline.config import ConfigError
+    from pipeline.launch import check_data
+
+    cfg = tiny_config(shards, tmp_path / "run", task__name=task)
+    cfg.task.options = options
+    with pytest.raises(ConfigError, match=message):
+        check_data(cfg)
+
+
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"this is not a checkpoint")
