@@ -25,11 +25,12 @@ def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
     info = state["manifest"]
+    size = cfg.eval.image_size or info["image_size"]  # the size eval scored it at (patch tasks pretrain larger)
     metadata = {
         "backbone": cfg.model.backbone,
         "backbone_kwargs": json.dumps(cfg.model.backbone_kwargs),
         "in_chans": str(info["channels"]),
-        "image_size": str(info["image_size"]),
+        "image_size": str(size),
         "mean": json.dumps(info["mean"]),
         "std": json.dumps(info["std"]),
         "task": cfg.task.name,
@@ -41,7 +42,7 @@ def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
         "model_name": cfg.model.backbone,
         "create_model_kwargs": {"pretrained": True, "num_classes": 0, "in_chans": info["channels"], **cfg.model.backbone_kwargs},
         "pretrained_cfg_overlay": {"file": str(file.resolve()), "mean": info["mean"], "std": info["std"],
-                                   "input_size": [info["channels"], info["image_size"], info["image_size"]]},
+                                   "input_size": [info["channels"], size, size]},
     }
     (out_dir / "backbone.json").write_text(json.dumps(usage, indent=2))
     return file

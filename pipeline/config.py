@@ -132,7 +132,11 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"config file {str(path)!r}: `extends` loops back to {str(base_path)!r}")
-    return deep_merge(read_yaml(base_path, (*seen, path.resolve())), values)
+    base_values = read_yaml(base_path, (*seen, path.resolve()))
+    base_task, task = base_values.get("task") or {}, values.get("task") or {}
+    if "name" in task and task["name"] != base_task.get("name"):
+        base_task.pop("options", None)  # another task's options mean nothing to this one
+    return deep_merge(base_values, values)
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -224,7 +225,12 @@ class Colorization(PretextTask):
             index, soft = soft_encode(ab, self.bin_centres)
             nearest = index[:, 0]
             if self.training:
-                self.bin_counts += torch.bincount(nearest, minlength=self.bin_counts.numel())
+                counts = torch.bincount(nearest, minlength=self.bin_counts.numel()).to(self.bin_counts.dtype)
+                # DDP copies rank 0's buffers to every rank before each forward: sum all ranks'
+                # counts so the prior sees the global batch, not a 1/W sample of it.
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(counts)
+                self.bin_counts += counts
             # As in the paper, a pixel weighs what its nearest bin does.
             weight = self.class_weights()[nearest] if self.rebalance else torch.ones_like(ab[:, 0])
         if self.mode == "regression":

@@ -62,6 +62,8 @@ class ContextPrediction(PretextTask):
     def __init__(self, encoder: nn.Module, patch_fraction: float = 0.25, gap_fraction: float = 0.25, jitter_fraction: float = 0.125,
                  normalize_patches: bool = True, pair_dim: int = 256, head_hidden: list[int] = (512,), **kwargs):
         super().__init__(encoder, **kwargs)
+        if min(patch_fraction, gap_fraction, jitter_fraction) < 0:
+            raise ValueError(f"patch_fraction={patch_fraction}, gap_fraction={gap_fraction}, jitter_fraction={jitter_fraction}: must be >= 0")
         self.patch = int(self.image_size * patch_fraction)
         self.gap = int(self.patch * gap_fraction)
         self.jitter = int(self.patch * jitter_fraction)

@@ -90,6 +90,8 @@ class Exemplar(PretextTask):
             loss, accuracy = info_nce(z[:, 0], z[:, 1], self.temperature, gather=self.gather)
             return {"loss": loss, "accuracy": accuracy.detach()}
         with torch.no_grad():
+            # Unlike MoCo, no shuffle-BN: the key encoder's batch statistics come from the same
+            # images as the queries'. In-batch negatives (as in SimCLR) keep that leak small.
             keys = self.key_head(self.key_encoder(inputs.flatten(0, 1))).view(batch, 2, -1)
         queue = self.queue.clone()  # the loss must see the queue as it was before this batch's keys
         # Symmetrized MoCo: each view's query against the other view's key, the batch's keys and the queue.

@@ -24,7 +24,9 @@ def feature_maps(encoder: nn.Module, images: Tensor, levels: int = 1) -> list[Te
     parameter names, so the eval stage can load the weights into a plain timm model)."""
     if not hasattr(encoder, "forward_intermediates"):
         raise ValueError(f"backbone {type(encoder).__name__} has no forward_intermediates(): dense tasks need a timm model that exposes feature maps")
-    return encoder.forward_intermediates(images, indices=levels, intermediates_only=True)
+    # norm=True: models with a final norm (ViT, ConvNeXt) apply it, so it is trained (DDP refuses
+    # parameters without gradients) and matches the pooled features the eval stage scores.
+    return encoder.forward_intermediates(images, indices=levels, norm=True, intermediates_only=True)
 
 
 class ConvDecoder(nn.Module):

@@ -15,8 +15,10 @@ from pretext.heads import MLPHead
 
 
 def permutation_set(count: int, grid: int = 3, seed: int = 0) -> np.ndarray:
-    """`count` permutations of grid*grid tiles chosen greedily for a large minimum Hamming distance
-    (Noroozi & Favaro's algorithm 1: repeatedly add the permutation farthest from the chosen set).
+    """`count` permutations of grid*grid tiles chosen greedily for a large Hamming distance: like
+    Noroozi & Favaro's algorithm 1, repeatedly add the permutation farthest from the chosen set,
+    measured here by the minimum distance to it (their criterion sums the distances; the minimum
+    guarantees no two classes are near-duplicates).
 
     Deterministic for a given seed; the set is also stored in the task's state dict, so a checkpoint
     keeps the transform and the head in agreement even if this function changes.
@@ -93,10 +95,11 @@ class Jigsaw(PretextTask):
         super().__init__(encoder, **kwargs)
         cell = self.image_size // grid
         self.tile = max(1, int(cell * tile_fraction))
-        if grid < 2 or cell < 4 or not 0 < tile_fraction <= 1:
+        if grid < 2 or cell < 4 or not 0 < tile_fraction <= 1 or self.tile < 2:
             raise ValueError(
                 f"jigsaw grid={grid}, tile_fraction={tile_fraction} on {self.image_size}px images gives {cell}px cells: "
-                f"needs grid >= 2, cells of at least 4 px and 0 < tile_fraction <= 1; raise data.image_size or lower grid"
+                f"needs grid >= 2, cells of at least 4 px, tiles of at least 2 px and 0 < tile_fraction <= 1; "
+                f"raise data.image_size or lower grid"
             )
         self.grid, self.normalize_tiles = grid, normalize_tiles
         self.register_buffer("permutations", torch.from_numpy(permutation_set(num_permutations, grid, seed)))

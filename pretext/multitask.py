@@ -49,8 +49,14 @@ class MultiTask(PretextTask):
                 raise ValueError(f"tasks.{name}: not a single registered task; choose from {sorted(set(TASKS) - {'multitask'})}")
             if task_class(name).encoder_in_chans(self.in_chans) != self.in_chans:
                 raise ValueError(f"tasks.{name}: feeds the backbone other channels than the data's, so it cannot share it")
-            self.weights[name] = float(options.pop("weight", 1.0))
-            check_task_options(name, options)
+            weight = options.pop("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"tasks.{name}.weight={weight!r}: must be a number >= 0")
+            self.weights[name] = float(weight)
+            try:
+                check_task_options(name, options)
+            except ValueError as err:  # ConfigError names task.options.<key>: say which sub-task's
+                raise ValueError(f"task.options.tasks.{name}: {err}") from None
             sub = task_class(name)(encoder=encoder, **kwargs, **options)
             # Keep the shared backbone out of the sub-task's modules: it is registered once, here, so
             # checkpoints hold it once (as `encoder.*`, where the eval stage looks).

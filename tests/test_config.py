@@ -79,6 +79,9 @@ def test_extends_merges_sections_and_replaces_task_options(tmp_path):
     cfg = Config.load(tmp_path / "child.yaml")
     assert (cfg.train.steps, cfg.train.seed) == (20, 3)
     assert cfg.task.name == "exemplar" and cfg.task.options == {"temperature": 0.5}
+    # A child naming another task without options does not inherit the base task's options.
+    (tmp_path / "other.yaml").write_text("extends: base.yaml\ntask:\n  name: jigsaw\n")
+    assert Config.load(tmp_path / "other.yaml").task.options == {}
 
 
 def test_extends_loop_and_missing_base_are_named(tmp_path):

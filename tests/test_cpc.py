@@ -145,7 +145,7 @@ def test_sampled_queries_are_distinct_positions_paired_with_the_patch_k_rows_bel
 
 
 def test_train_step_gives_every_parameter_a_gradient():
-    task = make_task()
+    task = make_task(pred_steps=(1, 2))
     optimizers = task.make_optimizers(OptimConfig(), lr=0.01)
     autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
     out = task.train_step(fixed_batch(task), optimizers, scaler, autocast)

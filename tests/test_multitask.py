@@ -37,7 +37,8 @@ def test_multitask_shares_one_backbone_stored_once():
 
 @pytest.mark.parametrize("tasks, message", [
     ({"rotatoin": {}}, "tasks.rotatoin"),
-    ({"rotation": {"all_rotation": True}}, "all_rotations"),
+    ({"rotation": {"all_rotation": True}}, r"task.options.tasks.rotation: .*all_rotations"),
+    ({"rotation": {"weight": "heavy"}}, "tasks.rotation.weight='heavy'"),
     ({"multitask": {}}, "tasks.multitask"),
 ])
 def test_multitask_bad_options_name_the_problem(tasks, message):
@@ -74,18 +75,25 @@ def test_moco_queue_fills_with_keys_and_key_encoder_trails_the_online_one():
     assert torch.allclose(task.queue.norm(dim=1), torch.ones(20), atol=1e-5)
 
 
-def test_moco_loss_uses_the_queue_as_negatives():
-    from pretext.losses import info_nce
+def explicit_moco_loss(q, k, queue, temperature):
+    """Cross-entropy over [q.k_i for the batch's keys] + [q.n for the queue], positive on the diagonal."""
+    q, k, queue = (torch.nn.functional.normalize(t, dim=1) for t in (q, k, queue))
+    logits = torch.cat([q @ k.T, q @ queue.T], 1) / temperature
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
 
-    task = make_task("exemplar", queue_size=16).eval()
+
+def test_moco_loss_scores_against_the_queue_before_this_batch_is_enqueued():
+    task = make_task("exemplar", queue_size=16)
+    task.eval()  # fixed batch-norm statistics, so the explicit computation below sees the same features
     inputs, target = fixed_batch(task, 8)
+    task.training = True  # but the task itself in training mode: it enqueues this batch's keys
+    queue_before = task.queue.clone()
     with torch.no_grad():
         z = task.head(task.encoder(inputs.flatten(0, 1))).view(8, 2, -1)
         keys = task.key_head(task.key_encoder(inputs.flatten(0, 1))).view(8, 2, -1)
-        expected = (info_nce(z[:, 0], keys[:, 1], task.temperature, extra_negatives=task.queue)[0]
-                    + info_nce(z[:, 1], keys[:, 0], task.temperature, extra_negatives=task.queue)[0]) / 2
-        assert torch.allclose(task(inputs, target)["loss"], expected)
-        # The queue changes the loss (it adds candidates).
-        without = (info_nce(z[:, 0], keys[:, 1], task.temperature, query_negatives=False)[0]
-                   + info_nce(z[:, 1], keys[:, 0], task.temperature, query_negatives=False)[0]) / 2
-        assert not torch.allclose(expected, without)
+        loss = task(inputs, target)["loss"]
+    expected = (explicit_moco_loss(z[:, 0], keys[:, 1], queue_before, task.temperature)
+                + explicit_moco_loss(z[:, 1], keys[:, 0], queue_before, task.temperature)) / 2
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert not torch.equal(task.queue, queue_before), "training forward must enqueue the keys"
+    assert torch.allclose(task.queue[:8], torch.nn.functional.normalize(keys[:, 1], dim=1), atol=1e-6)

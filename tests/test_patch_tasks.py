@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretext.context_prediction import NEIGHBOUR_OFFSETS, ContextTransform
-from pretext.jigsaw import JigsawTransform, permutation_set, standardize
+from pretext.jigsaw import JigsawTransform, permutation_set
 from tests.test_tasks import make_task, sample_dicts
 
 
@@ -51,8 +51,10 @@ def test_jigsaw_tiles_come_from_their_cells_and_are_standardized():
         region = image[:, row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
         windows = region.unfold(1, tile, 1).unfold(2, tile, 1)  # every tile-sized crop inside the cell
         assert (windows == tiles[position].unsqueeze(1).unsqueeze(1)).flatten(3).all(-1).any()
-    normalized = standardize(tiles)
+    # With normalize_tiles (the default) every tile is standardized on its own.
+    normalized, _ = make_task("jigsaw").sample_transform()({"image": image})
     assert torch.allclose(normalized.mean(dim=(1, 2, 3)), torch.zeros(9), atol=1e-5)
+    assert torch.allclose(normalized.std(dim=(1, 2, 3)), torch.ones(9), atol=1e-3)
 
 
 def test_jigsaw_permutations_travel_with_the_checkpoint():
