@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sslpipe-installed
 
-.PHONY: setup demo test test-all clean-runs
+.PHONY: setup demo test test-all bench-quality clean-runs
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+# Every pretext task under one compute budget, then kNN + linear probe (about 35 min on 2 cores).
+bench-quality: setup
+	$(BIN)/python -m bench.quality --budget-s 120
 
 clean-runs:
 	rm -rf runs exports

@@ -118,7 +118,8 @@ def table(report: dict) -> str:
             lines.append(f"| {label} | 28 | - | - | {100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f} |")
     for entry in report["tasks"].values():
         if "refused" in entry:
-            lines.append(f"| {entry['task']} | - | - | - | refused: {entry['refused'].split(':', 1)[-1].strip()[:90]} | | |")
+            reason = entry["refused"].split(";")[0]  # the task's own first clause
+            lines.append(f"| {entry['task']} | - | - | - | refused: {reason} | | |")
             continue
         row = entry["rows"]["pretrained"]
         lines.append(f"| {entry['task']} | {entry['image_size']} | {entry['steps']} ({entry['epochs']:.1f}) | {entry['pretrain_s']:.0f} | "
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     report_path = out / "quality.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"tasks": {}}
     report["budget_s"] = args.budget_s
+    import ray
+
+    owns_ray = not ray.is_initialized()  # pretrain() starts an embedded Ray unless one is running
     for name in tasks:
         if name in report["tasks"] and not args.rerun:
             log.info("%s: already in %s", name, report_path)
@@ -189,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quality.md").write_text(table(report) + "\n")
         plot(report, out / "quality.png")
         print(table(report), flush=True)
-    import ray
-
-    ray.shutdown()
+    if owns_ray:
+        ray.shutdown()
     print(f"\nwrote {report_path}, {out / 'quality.md'}, {out / 'quality.png'}")
     return 0
 

@@ -57,14 +57,17 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
 
 
 def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None,
-             baselines: list[str] | None = None) -> dict:
+             baselines: list[str] | None = None, image_size: int | None = None) -> dict:
     """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png.
-    `baselines` replaces the config's eval.baselines (a benchmark scores them once for many runs)."""
+    `baselines` and `image_size` replace the config's eval.baselines and eval.image_size (a
+    benchmark scores baselines once for many runs)."""
     start = time.perf_counter()
     checkpoint = find_checkpoint(path)
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
     if baselines is not None:
         cfg.eval.baselines = baselines
+    if image_size is not None:
+        cfg.eval.image_size = image_size
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(cfg.data.root)
     decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size)

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
     evaluate.add_argument("--data-root", help="shard folder, if it moved since pretraining")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    evaluate.add_argument("--image-size", type=int, help="evaluate whole images at this size (default: the run's eval.image_size, "
+                          "else the pretraining size; 0 forces the pretraining size)")
 
     export = commands.add_parser("export", help="export features (.npy, keys, labels) and backbone weights (safetensors)")
     export.add_argument("path", metavar="RUN_OR_CHECKPOINT")
@@ -116,7 +118,7 @@ def cmd_eval(args) -> dict:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
 
-    results = evaluate(args.path, args.out, args.data_root, args.device)
+    results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size)
     print(markdown_table(results))
     return results
 
