@@ -128,3 +128,31 @@ def test_ray_two_workers_lower_loss_checkpoint_then_resume_and_eval(shards, tmp_
     saved = json.loads((run_dir / "eval" / "results.json").read_text())
     assert saved["rows"]["pretrained"]["linear"] == results["rows"]["pretrained"]["linear"]
     assert (run_dir / "eval" / "results.md").read_text().count("|") > 10
+
+
+def test_colorization_trains_on_rgb_shards_and_is_evaluated_on_grayscale(tmp_path):
+    """End to end without Ray: RGB shards -> colorization -> checkpoint -> eval decodes grayscale."""
+    import numpy as np
+
+    from eval.evaluate import checkpoint_decoder, evaluate, load_pretrained
+    from pipeline.shards import Sample, encode_png, write_manifest, write_split
+    from tests.conftest import synthetic_images
+
+    root = tmp_path / "rgb"
+    splits = {}
+    for split, count, seed in (("train", 64, 0), ("test", 32, 1)):
+        images, labels = synthetic_images(count, 16, seed)
+        tints = np.array([[255, 80, 40], [40, 200, 90], [60, 90, 255], [220, 200, 40]], dtype=np.float32) / 255
+        rgb = (images[..., None] * tints[labels][:, None, None, :]).astype(np.uint8)  # each class its own colour
+        samples = (Sample(f"{split}_{i:05d}", encode_png(img), "png", int(lab)) for i, (img, lab) in enumerate(zip(rgb, labels)))
+        splits[split] = write_split(samples, root, split, count, "RGB", 16)
+    write_manifest(root, "synthetic-rgb", ["L", "F", "S", "T"], "RGB", splits)
+
+    cfg = tiny_config(root, tmp_path / "run", task__name="colorization", train__steps=10, train__checkpoint_every=10)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    _, backbone, state = load_pretrained(cfg.run_dir)
+    assert backbone.conv1.in_channels == 1
+    decoder = checkpoint_decoder(state)
+    assert (decoder.mode, len(state["manifest"]["mean"])) == ("L", 1)
+    results = evaluate(cfg.run_dir, baselines=["random_init"])
+    assert set(results["rows"]) == {"random_init", "pretrained"}
