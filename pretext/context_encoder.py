@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
-from pretext.denoising_autoencoder import reconstruction_decoder
-from pretext.heads import feature_maps
+from pretext.heads import ConvDecoder, feature_maps
 
 MASKS = ("center", "random")
 
@@ -57,7 +56,7 @@ class ContextEncoder(PretextTask):
         if not 1 <= self.side < self.image_size:
             raise ValueError(f"mask_fraction={mask_fraction} gives a {self.side}px hole in {self.image_size}px images; it must be between 1 px and the image")
         self.mask = mask
-        self.decoder = reconstruction_decoder(self, decoder_width)
+        self.decoder = ConvDecoder.to_image(self.encoder, self.in_chans, self.image_size, decoder_width)
 
     def sample_transform(self) -> MaskRegion:
         return MaskRegion(self.mask, self.side)

@@ -3,8 +3,6 @@ Features with Denoising Autoencoders", ICML 2008): reconstruct the clean image f
 so the encoder must capture the structure of the data rather than copy pixels."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,12 +32,6 @@ class Corrupt:
         return clean * keep, clean
 
 
-def reconstruction_decoder(task: PretextTask, width: int) -> ConvDecoder:
-    """A ConvDecoder from the backbone's last feature map back to the input image."""
-    reduction = task.encoder.feature_info[-1]["reduction"] if hasattr(task.encoder, "feature_info") else 32
-    return ConvDecoder(task.embed_dim, math.ceil(task.image_size / reduction), task.in_chans, task.image_size, width)
-
-
 class DenoisingAutoencoder(PretextTask):
     """Backbone feature map -> ConvDecoder -> image; mean squared error against the clean image.
 
@@ -56,7 +48,7 @@ class DenoisingAutoencoder(PretextTask):
         if noise <= 0 or (corruption == "masking" and noise >= 1):
             raise ValueError(f"noise={noise}: must be > 0 (and < 1 for masking)")
         self.corruption, self.noise = corruption, noise
-        self.decoder = reconstruction_decoder(self, decoder_width)
+        self.decoder = ConvDecoder.to_image(self.encoder, self.in_chans, self.image_size, decoder_width)
 
     def sample_transform(self) -> Corrupt:
         return Corrupt(self.corruption, self.noise)

@@ -1,6 +1,8 @@
 """Heads shared by pretext tasks (composable parts, not superclasses)."""
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,6 +50,12 @@ class ConvDecoder(nn.Module):
             size, dim = size * 2, narrower
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Conv2d(dim, out_chans, 1)
+
+    @classmethod
+    def to_image(cls, encoder: nn.Module, out_chans: int, image_size: int, width: int = 128) -> "ConvDecoder":
+        """A decoder from a timm backbone's last feature map back to (out_chans, image_size, image_size)."""
+        reduction = encoder.feature_info[-1]["reduction"] if hasattr(encoder, "feature_info") else 32
+        return cls(encoder.num_features, math.ceil(image_size / reduction), out_chans, image_size, width)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.inp(x))
