@@ -59,9 +59,9 @@ def build_task(cfg: Config, manifest: dict, decoder):
         encoder = create_backbone(cfg.model, task_class(cfg.task.name).encoder_in_chans(channels))
         return create_task(cfg.task.name, encoder=encoder, in_chans=channels, image_size=decoder.image_size,
                            data_mean=decoder.mean.flatten().tolist(), data_std=decoder.std.flatten().tolist(), **cfg.task.options)
+    except ConfigError:
+        raise  # already names the option
     except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
         raise ConfigError(f"task {cfg.task.name!r} with options {cfg.task.options} on {channels}-channel "
                           f"{decoder.image_size}px data: {err}") from err
 
