@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from eval.features import Features, extract_features
+from eval.generative import generate, load_task, needs_task, test_log_likelihood
 from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.report import write_results
@@ -17,6 +18,7 @@ from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, find_checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import ImageDecoder, check_urls
+from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
 
 log = logging.getLogger("sslpipe.eval")
@@ -35,6 +37,15 @@ def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Con
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {file}: encoder weights do not fit {cfg.model.backbone} {cfg.model.backbone_kwargs}: {err}") from err
     return cfg, backbone, state
+
+
+def scored_model(cfg: Config, backbone: nn.Module, state: dict):
+    """The network eval scores and, for tasks that need it, the whole rebuilt task (generative
+    objectives: likelihood, samples, features other than the pooled backbone's); else (backbone, None)."""
+    if not needs_task(cfg.task.name):
+        return backbone, None
+    task = load_task(state, cfg)
+    return task.feature_extractor(), task
 
 
 def checkpoint_decoder(state: dict, require_label: bool = True, image_size: int = 0) -> ImageDecoder:
@@ -69,6 +80,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     if image_size is not None:
         cfg.eval.image_size = image_size
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pretrained, task = scored_model(cfg, pretrained, state)
     manifest = read_manifest(cfg.data.root)
     decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size)
     splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
@@ -104,6 +116,15 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "seconds": round(time.perf_counter() - start, 1),
     }
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    if task is not None and task.likelihood_kind is not None:
+        results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),
+                                                    cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"])
+        log.info("test log-likelihood: %s", results["generative"])
+    if task is not None and hasattr(task, "sample"):
+        mean, std = task.pixel_stats()
+        grid = save_grid(generate(task.to(device), 64) * std + mean, out / "samples.png", nrow=8)
+        results["samples"] = str(grid)
+        results["seconds"] = round(time.perf_counter() - start, 1)
     write_results(results, out)
     log.info("wrote %s", out / "results.md")
     return results

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from eval.evaluate import checkpoint_decoder, load_pretrained
+from eval.evaluate import checkpoint_decoder, load_pretrained, scored_model
 from eval.features import extract_features
 from pipeline.data import check_urls
 from pipeline.shards import read_manifest, split_urls
@@ -52,6 +52,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
                     data_root: str | None = None) -> dict[str, int]:
     """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
     cfg, backbone, state = load_pretrained(path, data_root)
+    model, _ = scored_model(cfg, backbone, state)  # what `sslpipe eval` scores (the VAE may score its posterior mean)
     manifest = read_manifest(cfg.data.root)
     decoder = checkpoint_decoder(state, require_label=False, image_size=cfg.eval.image_size)  # as `sslpipe eval` scores them
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +61,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     counts = {}
     for split in splits or list(manifest["splits"]):
         urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
-        features = extract_features(backbone, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
+        features = extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
                                     desc=f"export {split}", total=manifest["splits"][split]["count"])
         np.save(out_dir / f"{split}_features.npy", features.features.numpy())
         np.save(out_dir / f"{split}_labels.npy", features.labels.numpy())

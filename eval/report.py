@@ -27,7 +27,15 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps(results, indent=2))
     title = f"# {results['task']} on {results['dataset']} ({results['backbone']}, step {results['step']})\n\n"
-    md_path.write_text(title + markdown_table(results) + "\n")
+    text = title + markdown_table(results) + "\n"
+    if "generative" in results:
+        gen = results["generative"]
+        bound = "ELBO (a lower bound of log p(x))" if gen["kind"] == "elbo" else "exact log p(x)"
+        text += (f"\nTest {bound}: {gen['nats_per_image']:.1f} nats per image, {gen['bits_per_dim']:.3f} bits/dim "
+                 f"over {gen['images']} images.\n")
+    if "samples" in results:
+        text += f"\nSamples: {results['samples']}\n"
+    md_path.write_text(text)
     plot_results(results, out_dir / "results.png")
     return json_path, md_path
 

@@ -6,6 +6,7 @@ import difflib
 import timm
 from torch import nn
 
+from pipeline import timm_models  # noqa: F401  (registers sslpipe's own backbones with timm)
 from pipeline.config import ConfigError, ModelConfig
 
 
@@ -23,5 +24,5 @@ def create_backbone(cfg: ModelConfig, in_chans: int) -> nn.Module:
     check_backbone(cfg)
     try:
         return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, in_chans=in_chans, **cfg.backbone_kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"model.backbone_kwargs {cfg.backbone_kwargs} rejected by timm model {cfg.backbone!r}: {err}") from err

@@ -46,7 +46,8 @@ class TaskConfig:
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1  # for a global batch of 256; scaled linearly with global_batch_size
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw; DCGAN uses [0.5, 0.999], WGAN-GP [0.0, 0.9]
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 50
@@ -59,6 +60,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 250  # also at the last step
     keep_checkpoints: int = 2
+    figures_every: int = 0  # sample grids of generative tasks (PNG in <run_dir>/samples); 0: at every checkpoint
     amp: bool = True  # autocast + GradScaler, on CUDA only
     seed: int = 0
     resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
@@ -136,14 +138,18 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base_task, task = base_values.get("task") or {}, values.get("task") or {}
     if "name" in task and task["name"] != base_task.get("name"):
         base_task.pop("options", None)  # another task's options mean nothing to this one
+    base_model, model = base_values.get("model") or {}, values.get("model") or {}
+    if "backbone" in model and model["backbone"] != base_model.get("backbone"):
+        base_model.pop("backbone_kwargs", None)  # keyword arguments of another architecture
     return deep_merge(base_values, values)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
     merged = dict(base)
     for key, value in over.items():
-        # Task options replace rather than merge: options of one task mean nothing to another.
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+        # Task options and backbone kwargs replace rather than merge: one task's options (one
+        # architecture's kwargs) mean nothing to another.
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("options", "backbone_kwargs"):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
@@ -267,6 +273,7 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "scaling.max_failures": cfg.scaling.max_failures,
         "eval.loader_workers": cfg.eval.loader_workers,
         "eval.image_size": cfg.eval.image_size,
+        "train.figures_every": cfg.train.figures_every,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -276,6 +283,8 @@ def validate(cfg: Config, check_task: bool = True) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by "
             f"scaling.num_workers={cfg.scaling.num_workers}"
         )
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if not 0 < cfg.eval.linear_val_fraction < 1:
         raise ConfigError(f"eval.linear_val_fraction must be in (0, 1), got {cfg.eval.linear_val_fraction}")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:

@@ -125,6 +125,10 @@ def train_worker(cfg: Config, session) -> dict:
 
         last = step == total
         checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
+        if session.rank == 0 and (step % (cfg.train.figures_every or cfg.train.checkpoint_every) == 0 or last):
+            figures = task.write_figures(run_dir / "samples", step, batch[0])
+            if figures:
+                log.info("step %d: wrote %s", step, ", ".join(p.name for p in figures))
         if step % cfg.train.log_every == 0 or checkpoint_now:
             elapsed = time.perf_counter() - window_start
             metrics = session.all_reduce_mean({k: v / window_steps for k, v in sums.items()})

@@ -10,9 +10,12 @@ from pretext.context_prediction import ContextPrediction
 from pretext.cpc import CPC
 from pretext.denoising_autoencoder import DenoisingAutoencoder
 from pretext.exemplar import Exemplar
+from pretext.gan import GAN
 from pretext.jigsaw import Jigsaw
 from pretext.multitask import MultiTask
+from pretext.pixelcnn import PixelCNN
 from pretext.rotation import Rotation
+from pretext.vae import VAE
 
 TASKS: dict[str, type[PretextTask]] = {
     "rotation": Rotation,
@@ -24,6 +27,10 @@ TASKS: dict[str, type[PretextTask]] = {
     "denoising_autoencoder": DenoisingAutoencoder,
     "context_encoder": ContextEncoder,
     "multitask": MultiTask,
+    # Generative objectives: same registry, same pretrain and eval commands.
+    "vae": VAE,
+    "gan": GAN,
+    "pixelcnn": PixelCNN,
 }
 
 # Keyword arguments the pipeline passes itself; never set them under task.options.

@@ -1,6 +1,7 @@
 """The one base class every pretext task and generative objective derives from."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -80,6 +81,34 @@ class PretextTask(nn.Module):
     def after_step(self) -> None:
         """Runs after every optimizer step (momentum encoders update here)."""
 
+    def write_figures(self, directory: Path, step: int, inputs) -> list[Path]:
+        """Rank 0 calls this every `train.figures_every` steps with the step's inputs; generative
+        tasks write sample grids (PNG) into `directory` and return their paths."""
+        return []
+
+    def feature_extractor(self) -> nn.Module:
+        """The network whose outputs the eval stage scores: the backbone's pooled features, unless a
+        task offers others (the VAE's posterior mean)."""
+        return self.encoder
+
+    # Generative objectives that define a likelihood of the data also implement
+    #   log_likelihood(images) -> (B,) log p(x) in nats of the 8-bit images (or a lower bound:
+    #   likelihood_kind = "elbo"), and sample(n) -> n images in the decoder's normalized space.
+    likelihood_kind: str | None = None
+
+    def pixel_stats(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """The data's per-channel mean and std as (C, 1, 1) tensors, to map normalized images back to pixels."""
+        mean = torch.tensor(self.data_mean, device=device).view(-1, 1, 1)
+        std = torch.tensor(self.data_std, device=device).view(-1, 1, 1)
+        return mean, std
+
+
+class ImageOnly:
+    """Per-sample transform of the generative objectives: the decoded image itself, no target."""
+
+    def __call__(self, sample: dict) -> tuple[Tensor, Tensor]:
+        return sample["image"], torch.zeros((), dtype=torch.long)
+
 
 def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters (1-D tensors), as in timm and DINO.
@@ -92,4 +121,4 @@ def build_optimizer(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimize
     ]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))

@@ -62,3 +62,36 @@ class ConvDecoder(nn.Module):
         if x.shape[-1] != self.out_size or x.shape[-2] != self.out_size:
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
         return self.out(x)
+
+
+class ConvTransposeDecoder(nn.Module):
+    """DCGAN generator (Radford et al. 2016), also the VAE's decoder: a latent vector is projected
+    and reshaped to a (width * 2^(n-1), s, s) map (s >= 4), then n fractionally strided 4x4
+    convolutions double its side up to `image_size`, halving the width, with batch norm and ReLU on
+    all but the last; `output="tanh"` bounds the last (GAN images in [-1, 1]), "linear" leaves
+    distribution parameters (VAE)."""
+
+    def __init__(self, latent_dim: int, out_chans: int, image_size: int, width: int = 64, output: str = "tanh"):
+        super().__init__()
+        if output not in ("tanh", "linear"):
+            raise ValueError(f"output={output!r}: choose 'tanh' or 'linear'")
+        size, ups = image_size, 0
+        while size % 2 == 0 and size // 2 >= 4:
+            size, ups = size // 2, ups + 1
+        if ups == 0:
+            raise ValueError(f"image_size={image_size}: the generator doubles a map of at least 4 px, so the size must be even and >= 8")
+        self.latent_dim, self.start_size = latent_dim, size
+        dim = width * 2 ** (ups - 1)
+        self.start_dim = dim
+        self.project = nn.Sequential(nn.Linear(latent_dim, dim * size * size, bias=False), nn.BatchNorm1d(dim * size * size), nn.ReLU(inplace=True))
+        blocks: list[nn.Module] = []
+        for _ in range(ups - 1):
+            blocks += [nn.ConvTranspose2d(dim, dim // 2, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(dim // 2), nn.ReLU(inplace=True)]
+            dim //= 2
+        blocks.append(nn.ConvTranspose2d(dim, out_chans, 4, stride=2, padding=1))
+        if output == "tanh":
+            blocks.append(nn.Tanh())
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.blocks(self.project(z).view(len(z), self.start_dim, self.start_size, self.start_size))

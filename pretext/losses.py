@@ -48,3 +48,37 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool 
         losses.append(F.cross_entropy(logits, targets))
         correct.append((logits.argmax(1) == targets).float().mean())
     return (losses[0] + losses[1]) / 2, (correct[0] + correct[1]) / 2
+
+
+GAN_LOSSES = ("non_saturating", "minimax", "wgan_gp")
+
+
+def discriminator_loss(real_scores: Tensor, fake_scores: Tensor, kind: str) -> Tensor:
+    """Goodfellow et al.'s discriminator loss -log D(x) - log(1 - D(G(z))) with D = sigmoid(score);
+    for WGAN the critic's E[D(G(z))] - E[D(x)] (its gradient penalty is added by the caller)."""
+    if kind == "wgan_gp":
+        return fake_scores.float().mean() - real_scores.float().mean()
+    return F.softplus(-real_scores.float()).mean() + F.softplus(fake_scores.float()).mean()
+
+
+def generator_loss(fake_scores: Tensor, kind: str) -> Tensor:
+    """non_saturating: -log D(G(z)) (Goodfellow et al.'s practical choice: strong gradients early);
+    minimax: log(1 - D(G(z))), the game's own objective; wgan_gp: -E[D(G(z))]."""
+    scores = fake_scores.float()
+    if kind == "non_saturating":
+        return F.softplus(-scores).mean()
+    if kind == "minimax":
+        return -F.softplus(scores).mean()
+    return -scores.mean()
+
+
+def gradient_penalty(critic, real: Tensor, fake: Tensor, eps: Tensor | None = None) -> Tensor:
+    """Gulrajani et al.'s E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = eps * real + (1 - eps) * fake,
+    eps ~ U[0, 1] per sample; differentiable (create_graph) so it trains the critic."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
+    x_hat = (eps * real.detach().float() + (1 - eps) * fake.detach().float()).requires_grad_(True)
+    with torch.autocast(real.device.type, enabled=False):
+        scores = critic(x_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()

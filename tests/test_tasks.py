@@ -24,10 +24,14 @@ def data_channels(name: str) -> int:
         return 3
 
 
+# Tasks that need their own kind of backbone (PixelCNN's masked convolutions).
+BACKBONES = {"pixelcnn": {"backbone": "pixelcnn", "backbone_kwargs": {"width": 4, "depth": 2}}}
+
+
 def make_task(name: str, **options):
     torch.manual_seed(0)
     channels = data_channels(name)
-    encoder = create_backbone(ModelConfig(**TINY_BACKBONE), in_chans=TASKS[name].encoder_in_chans(channels))
+    encoder = create_backbone(ModelConfig(**BACKBONES.get(name, TINY_BACKBONE)), in_chans=TASKS[name].encoder_in_chans(channels))
     return create_task(name, encoder=encoder, in_chans=channels, image_size=IMAGE_SIZE, **options)
 
 
@@ -44,6 +48,10 @@ def fixed_batch(task, count: int = 16):
     transform = task.sample_transform()
     return collate([transform(s) for s in sample_dicts(count, task.in_chans)])
 
+
+# Exact likelihoods cannot fall far: the glyphs' uniform background noise (40 levels) alone costs
+# ln 40 = 3.7 of the initial ln 256 = 5.5 nats per sub-pixel.
+LOSS_RATIO = {"pixelcnn": 0.93}
 
 # Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces).
 INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4, "cpc": 8}
@@ -94,13 +102,15 @@ def test_train_step_finite_loss_and_every_parameter_gets_gradient(name):
 def test_twenty_steps_lower_the_loss_on_a_fixed_batch(name):
     from pipeline.config import OptimConfig
 
+    if getattr(TASKS[name], "adversarial", False):
+        pytest.skip("adversarial: each player's step is tested in test_generative.py, no joint loss falls")
     task = make_task(name)
     optimizers = task.make_optimizers(OptimConfig(name="adamw", weight_decay=0.0), lr=3e-3)
     autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
     batch = fixed_batch(task, 32)
     torch.manual_seed(0)
     losses = [float(task.train_step(batch, optimizers, scaler, autocast)["loss"].detach()) for _ in range(20)]
-    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-3:]) / 3 < LOSS_RATIO.get(name, 0.7) * sum(losses[:3]) / 3, losses
 
 
 def test_rotation_target_matches_the_rotation_applied():
