@@ -35,7 +35,13 @@ TASK_CONFIGS = {
     "multitask": "configs/multitask_fmnist.yaml",
     # Refuses grayscale data: the row records the refusal.
     "colorization": "configs/colorization.yaml",
+    # Generative objectives (issue 4): their rows add test bits/dim, and a sample-quality figure.
+    "vae": "configs/vae_fmnist.yaml",
+    "gan": "configs/gan_fmnist.yaml",
+    "wgan_gp": "configs/wgan_gp_fmnist.yaml",
+    "pixelcnn": "configs/pixelcnn_fmnist.yaml",
 }
+BASE_CONFIG = "configs/rotation_fmnist.yaml"  # the backbone the shared baselines are scored with
 
 
 def step_seconds(cfg: Config, repeats: int = 5) -> float:
@@ -91,7 +97,10 @@ def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: l
     run_dir = pretrain(cfg)
     train_s = time.perf_counter() - start
     last = read_metrics(run_dir)[-1]
-    results = evaluate(run_dir, baselines=baselines)
+    # Tasks on another network than the shared baselines' (DCGAN discriminator, PixelCNN) are
+    # compared with a random init of their own network too.
+    own_backbone = cfg.model.backbone != Config.load(BASE_CONFIG).model.backbone
+    results = evaluate(run_dir, baselines=sorted(set(baselines) | ({"random_init"} if own_backbone else set())))
     return {
         "task": name,
         "image_size": cfg.data.image_size or 28,
@@ -104,26 +113,36 @@ def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: l
         "final_loss": last["loss"],
         "final_accuracy": last.get("accuracy"),
         "rows": results["rows"],
+        "backbone": cfg.model.backbone,
+        "own_random_init": results["rows"]["random_init"] if own_backbone else None,
+        "generative": results.get("generative"),
+        "samples": results.get("samples"),
         "run_dir": str(run_dir),
     }
 
 
 def table(report: dict) -> str:
-    lines = ["| features | pretrain size | steps (epochs) | pretrain wall s | linear top-1 | kNN top-1 (k=20) | kNN top-1 (k=200) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| features | pretrain size | steps (epochs) | pretrain wall s | linear top-1 | kNN top-1 (k=20) | kNN top-1 (k=200) | test bits/dim |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def scores(row: dict) -> str:
+        return f"{100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f}"
+
     baselines = report.get("baselines", {})
     for name, label in (("raw_pixels", "raw pixels"), ("random_init", "random-init backbone")):
         if name in baselines:
-            row = baselines[name]
-            lines.append(f"| {label} | 28 | - | - | {100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f} |")
+            lines.append(f"| {label} | 28 | - | - | {scores(baselines[name])} | |")
     for entry in report["tasks"].values():
         if "refused" in entry:
             reason = entry["refused"].split(";")[0]  # the task's own first clause
-            lines.append(f"| {entry['task']} | - | - | - | refused: {reason} | | |")
+            lines.append(f"| {entry['task']} | - | - | - | refused: {reason} | | | |")
             continue
-        row = entry["rows"]["pretrained"]
+        generative = entry.get("generative")
+        bits = f"{generative['bits_per_dim']:.3f}" + (" (ELBO)" if generative["kind"] == "elbo" else "") if generative else ""
         lines.append(f"| {entry['task']} | {entry['image_size']} | {entry['steps']} ({entry['epochs']:.1f}) | {entry['pretrain_s']:.0f} | "
-                     f"{100 * row['linear']:.2f} | {100 * row['knn']['20']:.2f} | {100 * row['knn']['200']:.2f} |")
+                     f"{scores(entry['rows']['pretrained'])} | {bits} |")
+        if entry.get("own_random_init"):
+            lines.append(f"| &nbsp;&nbsp;random-init {entry['backbone']} | 28 | - | - | {scores(entry['own_random_init'])} | |")
     return "\n".join(lines)
 
 
@@ -160,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/fashion-mnist", help="shards of Fashion-MNIST (written if missing)")
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--rerun", action="store_true", help="run tasks again even when OUT/quality.json has them")
+    parser.add_argument("--samples", type=int, default=2000, help="generated images per model for the sample-quality figure")
+    parser.add_argument("--rerun-samples", action="store_true", help="recompute the sample-quality figure from the stored runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -195,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(report), flush=True)
     if owns_ray:
         ray.shutdown()
+    if any(report["tasks"].get(name, {}).get("samples") for name in tasks) or args.rerun_samples:
+        from bench.sample_quality import sample_quality
+
+        report["sample_quality"] = sample_quality(report, args.data, out, args.samples)
+        report_path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {report_path}, {out / 'quality.md'}, {out / 'quality.png'}")
     return 0
 

@@ -68,7 +68,10 @@ class PixelCNN(PretextTask):
             for i in range(self.image_size):
                 for j in range(self.image_size):
                     for c in range(self.in_chans):
-                        logits = self.encoder.logits(from_pixels(pixels, mean, std))[:, c, :, i, j].float() / self.temperature
+                        # Rows below i cannot influence row i (masked kernels look up and left only),
+                        # so the network runs on rows 0..i: exact, and half the work on average.
+                        visible = from_pixels(pixels[:, :, : i + 1], mean, std)
+                        logits = self.encoder.logits(visible)[:, c, :, i, j].float() / self.temperature
                         probs = torch.softmax(logits, -1).cpu()
                         pixels[:, c, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
             return from_pixels(pixels, mean, std)
