@@ -38,6 +38,7 @@ TASK_CONFIGS = {
     # Generative objectives (issue 4): their rows add test bits/dim, and a sample-quality figure.
     "vae": "configs/vae_fmnist.yaml",
     "gan": "configs/gan_fmnist.yaml",
+    "bigan": "configs/bigan_fmnist.yaml",
     "wgan_gp": "configs/wgan_gp_fmnist.yaml",
     "pixelcnn": "configs/pixelcnn_fmnist.yaml",
 }

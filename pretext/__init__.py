@@ -6,6 +6,7 @@ import inspect
 from pretext.base import PretextTask
 from pretext.colorization import Colorization
 from pretext.context_encoder import ContextEncoder
+from pretext.bigan import BiGAN
 from pretext.context_prediction import ContextPrediction
 from pretext.cpc import CPC
 from pretext.denoising_autoencoder import DenoisingAutoencoder
@@ -30,6 +31,7 @@ TASKS: dict[str, type[PretextTask]] = {
     # Generative objectives: same registry, same pretrain and eval commands.
     "vae": VAE,
     "gan": GAN,
+    "bigan": BiGAN,
     "pixelcnn": PixelCNN,
 }
 

@@ -61,17 +61,22 @@ class GAN(PretextTask):
             log.warning("loss=wgan_gp with a batch-normalized critic: the gradient penalty assumes per-sample outputs; "
                         "use model.backbone_kwargs.norm: layer (dcgan_discriminator) as Gulrajani et al. do")
         self.latent_dim, self.loss_kind, self.discriminator_steps, self.gp_weight = latent_dim, loss, discriminator_steps, gp_weight
-        was_training = encoder.training
-        with torch.no_grad():  # the size of the last feature map sets the score layer's width
-            last = feature_maps(encoder.eval(), torch.zeros(2, self.in_chans, self.image_size, self.image_size))[-1]
-        encoder.train(was_training)
-        self.critic_head = nn.Linear(last[0].numel(), 1)
+        self.generator_width = generator_width
         self.generator = ConvTransposeDecoder(latent_dim, self.in_chans, self.image_size, generator_width, output="tanh")
         # Fixed noise, saved in checkpoints: sample grids over training (and after a resume) show the same z.
         self.register_buffer("fixed_noise", torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(0)))
         mean, std = self.pixel_stats()
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        self.build_players()
+
+    def build_players(self) -> None:
+        """The discriminator: the backbone plus a linear score over its last feature map."""
+        was_training = self.encoder.training
+        with torch.no_grad():  # the size of the last feature map sets the score layer's width
+            last = feature_maps(self.encoder.eval(), torch.zeros(2, self.in_chans, self.image_size, self.image_size))[-1]
+        self.encoder.train(was_training)
+        self.critic_head = nn.Linear(last[0].numel(), 1)
         # Not registered as children (the encoder, head and generator already are): the modules the
         # steps call, replaced by their DDP wrappers in prepare_distributed.
         object.__setattr__(self, "critic", Critic(self.encoder, self.critic_head))
@@ -110,7 +115,7 @@ class GAN(PretextTask):
             logs["gradient_penalty"] = penalty.detach()
         return loss, logs
 
-    def generator_loss(self, z: Tensor) -> Tensor:
+    def generator_loss(self, z: Tensor, real: Tensor | None = None) -> Tensor:
         """The generator's loss on D(G(z)), the discriminator held fixed (its gradients are not
         needed: the caller freezes its parameters, and the unwrapped critic is used so its DDP
         wrapper does not expect a reduction)."""
@@ -130,7 +135,7 @@ class GAN(PretextTask):
         try:
             opt_g.zero_grad(set_to_none=True)
             with autocast():
-                g_loss = self.generator_loss(self.noise(len(chunk), real.device))
+                g_loss = self.generator_loss(self.noise(len(chunk), real.device), chunk)
             scaler.scale(g_loss).backward()
             scaler.step(opt_g)
             scaler.update()
@@ -142,7 +147,7 @@ class GAN(PretextTask):
         """Both players' losses on one batch without updating anything (for inspection)."""
         z = self.noise(len(inputs), inputs.device)
         d_loss, logs = self.discriminator_loss(inputs, z)
-        g_loss = self.generator_loss(z)
+        g_loss = self.generator_loss(z, inputs)
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, **logs}
 
     @torch.no_grad()

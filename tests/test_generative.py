@@ -157,12 +157,20 @@ def parameters(module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("loss", ["non_saturating", "minimax", "wgan_gp"])
-def test_discriminator_step_lowers_its_loss_with_the_generator_fixed(loss):
-    task = make("gan", SMALL_DCGAN, loss=loss, latent_dim=8, generator_width=8)
+ADVERSARIAL = [("gan", "non_saturating"), ("gan", "minimax"), ("gan", "wgan_gp"), ("bigan", "non_saturating"), ("bigan", "minimax")]
+
+
+def make_adversarial(name: str, loss: str, **options):
+    """A GAN on the small DCGAN discriminator; a BiGAN whose backbone (its encoder) is the tiny ResNet."""
+    return make(name, SMALL_DCGAN if name == "gan" else TINY_BACKBONE, loss=loss, latent_dim=8, generator_width=8, **options)
+
+
+@pytest.mark.parametrize("name,loss", ADVERSARIAL)
+def test_discriminator_step_lowers_its_loss_with_the_generator_fixed(name, loss):
+    task = make_adversarial(name, loss)
     optimizers = task.make_optimizers(OptimConfig(name="adamw", weight_decay=0.0, betas=[0.5, 0.999]), lr=1e-3)
     real, z = images(16), torch.randn(16, 8)
-    generator_before = parameters(task.generator)
+    generator_before = parameters(task.generator) + parameters(task.encoder if name == "bigan" else task.generator)
     torch.manual_seed(1)
     before, _ = task.discriminator_loss(real, z)
     optimizers["discriminator"].zero_grad()
@@ -171,21 +179,23 @@ def test_discriminator_step_lowers_its_loss_with_the_generator_fixed(loss):
     torch.manual_seed(1)  # the same interpolation points for the gradient penalty
     after, _ = task.discriminator_loss(real, z)
     assert after < before, (float(before), float(after))
-    assert all(torch.equal(a, b) for a, b in zip(generator_before, task.generator.parameters()))
+    opponents = [*task.generator.parameters(), *(task.encoder if name == "bigan" else task.generator).parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(generator_before, opponents))
 
 
-@pytest.mark.parametrize("loss", ["non_saturating", "minimax", "wgan_gp"])
-def test_generator_step_lowers_its_loss_with_the_discriminator_fixed(loss):
-    task = make("gan", SMALL_DCGAN, loss=loss, latent_dim=8, generator_width=8)
+@pytest.mark.parametrize("name,loss", ADVERSARIAL)
+def test_generator_step_lowers_its_loss_with_the_discriminator_fixed(name, loss):
+    task = make_adversarial(name, loss)
     optimizers = task.make_optimizers(OptimConfig(name="adamw", weight_decay=0.0, betas=[0.5, 0.999]), lr=1e-3)
     task.critic.eval()  # fixed: no batch statistics from the fake batch either
-    z = torch.randn(16, 8)
+    task.encoder.eval()  # BiGAN: the encoder is a player here; eval mode keeps the loss a function of the weights alone
+    z, real = torch.randn(16, 8), images(16)
     critic_before = parameters(task.critic)
-    before = task.generator_loss(z)
+    before = task.generator_loss(z, real)
     optimizers["generator"].zero_grad()
     before.backward()
     optimizers["generator"].step()
-    after = task.generator_loss(z)
+    after = task.generator_loss(z, real)
     assert after < before, (float(before), float(after))
     # The discriminator's optimizer never ran: its parameters are untouched.
     assert all(torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
@@ -333,39 +343,40 @@ def test_eval_of_a_vae_checkpoint_reports_test_elbo_and_writes_samples(shards, t
     assert "bits/dim" in (Path(cfg.run_dir) / "eval" / "results.md").read_text()
 
 
-def _gan_ddp_worker(rank: int, world: int, init_file: str, out_dir: str, loss: str) -> None:
+def _gan_ddp_worker(rank: int, world: int, init_file: str, out_dir: str, name: str, loss: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        task = make("gan", SMALL_DCGAN, loss=loss, latent_dim=8, generator_width=8, discriminator_steps=2)
+        task = make_adversarial(name, loss, discriminator_steps=2)
         # Each rank a different init, data and noise: DDP must broadcast rank 0's weights and
-        # average both players' gradients for the replicas to stay identical.
+        # average every player's gradients for the replicas to stay identical.
         torch.manual_seed(100 + rank)
         for p in task.parameters():
             p.data.add_(torch.randn_like(p) * 0.01)
         task.prepare_distributed(DistributedDataParallel)
+        start = {n: p.detach().clone() for n, p in task.named_parameters()}
         optimizers = task.make_optimizers(OptimConfig(name="adamw", weight_decay=0.0, betas=[0.5, 0.999]), lr=1e-3)
         autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
         real = images(16) + 0.1 * torch.randn(16, 1, 16, 16)
         for _ in range(3):
             task.train_step((real, None), optimizers, scaler, autocast)
-        torch.save({"critic": [p.detach() for p in task.critic.parameters()], "generator": [p.detach() for p in task.generator.parameters()]},
-                   Path(out_dir) / f"rank{rank}.pt")
+        torch.save({"start": start, "end": {n: p.detach() for n, p in task.named_parameters()}}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["non_saturating", "wgan_gp"])
-def test_both_gan_players_stay_identical_across_ddp_workers(tmp_path, loss):
+@pytest.mark.parametrize("name,loss", [("gan", "non_saturating"), ("gan", "wgan_gp"), ("bigan", "non_saturating")])
+def test_every_player_stays_identical_across_ddp_workers(tmp_path, name, loss):
     import torch.multiprocessing as mp
 
-    mp.spawn(_gan_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss), nprocs=2, join=True)
+    mp.spawn(_gan_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), name, loss), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    initial = make("gan", SMALL_DCGAN, loss=loss, latent_dim=8, generator_width=8, discriminator_steps=2)
-    for player, module in (("critic", initial.critic), ("generator", initial.generator)):
-        for a, b, start in zip(ranks[0][player], ranks[1][player], module.parameters()):
-            assert torch.equal(a, b), f"{player} replicas diverged"
-            assert not torch.equal(a, start.detach()), f"{player} did not train"
+    for param, value in ranks[0]["end"].items():
+        assert torch.equal(ranks[0]["start"][param], ranks[1]["start"][param]), f"{param}: rank 0's weights were not broadcast"
+        assert torch.equal(value, ranks[1]["end"][param]), f"{param}: replicas diverged"
+    # Every player trained (a constant added to all WGAN scores cancels from its loss: head.bias stays).
+    still = sorted(p for p, v in ranks[0]["end"].items() if torch.equal(v, ranks[0]["start"][p]))
+    assert still == (["critic_head.bias"] if loss == "wgan_gp" else []), still
