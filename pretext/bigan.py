@@ -52,7 +52,9 @@ class GeneratorEncoder(nn.Module):
 
 
 class BiGAN(GAN):
-    """Options as the GAN's; `loss` is non_saturating or minimax (the gradient penalty is defined
+    """A GAN whose discriminator judges (image, latent) pairs; the backbone is the encoder E.
+
+    Options as the GAN's; `loss` is non_saturating or minimax (the gradient penalty is defined
     for image-only critics)."""
 
     def __init__(self, encoder: nn.Module, latent_dim: int = 100, loss: str = "non_saturating", discriminator_steps: int = 1,

@@ -40,7 +40,9 @@ class Critic(nn.Module):
 
 
 class GAN(PretextTask):
-    """Args:
+    """Discriminator (the backbone + a linear score) against a DCGAN generator, two optimizers.
+
+    Args:
         latent_dim: size of the generator's Gaussian noise z.
         loss: "non_saturating" (default), "minimax" or "wgan_gp".
         discriminator_steps: discriminator (critic) updates per generator update (WGAN-GP uses 5).

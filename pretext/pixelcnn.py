@@ -21,7 +21,9 @@ from pretext.likelihoods import bits_per_dim, categorical_log_likelihood, from_p
 
 
 class PixelCNN(PretextTask):
-    """Args:
+    """Exact autoregressive likelihood of 8-bit sub-pixels with masked convolutions (the backbone).
+
+    Args:
         samples_in_figures: images drawn for the sample grid (each costs H * W * C forward passes).
         temperature: softmax temperature when sampling (1 samples the model's own distribution).
     """

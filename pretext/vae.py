@@ -45,7 +45,9 @@ class PosteriorMean(nn.Module):
 
 
 class VAE(PretextTask):
-    """Args:
+    """Maximizes the ELBO: backbone -> q(z|x), transposed-convolution decoder -> p(x|z) over 8-bit pixels.
+
+    Args:
         latent_dim: size of z.
         likelihood: "gaussian" (discretized, on 8-bit values) or "bernoulli" (binarized pixels).
         beta: weight of the KL term (Higgins et al. 2017's beta-VAE; 1 is the ELBO).

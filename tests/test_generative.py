@@ -380,3 +380,27 @@ def test_every_player_stays_identical_across_ddp_workers(tmp_path, name, loss):
     # Every player trained (a constant added to all WGAN scores cancels from its loss: head.bias stays).
     still = sorted(p for p, v in ranks[0]["end"].items() if torch.equal(v, ranks[0]["start"][p]))
     assert still == (["critic_head.bias"] if loss == "wgan_gp" else []), still
+
+
+@pytest.mark.ray
+def test_wgan_gp_under_ray_two_workers_resumes_both_optimizers(shards, tmp_path, ray_local):
+    """The real launch path: two Ray Train workers, each player in its own DDP wrapper, the
+    gradient penalty's double backward through DDP, then a resume from the Ray checkpoint."""
+    from pipeline.launch import pretrain
+
+    cfg = gan_config(shards, tmp_path / "run", steps=4)
+    cfg.scaling.num_workers = 2
+    run_dir = pretrain(cfg)
+    first = load_checkpoint(run_dir)
+    assert first["optimizers"]["discriminator"]["state"][0]["step"] == 8 and first["optimizers"]["generator"]["state"][0]["step"] == 4
+    pretrain(_with_steps(run_dir, 6), resume=run_dir)
+    final = load_checkpoint(run_dir)
+    assert final["step"] == 6
+    assert final["optimizers"]["discriminator"]["state"][0]["step"] == 12 and final["optimizers"]["generator"]["state"][0]["step"] == 6
+    assert (run_dir / "samples" / "step_00000006_fixed_noise_samples.png").is_file()
+
+
+def _with_steps(run_dir: Path, steps: int):
+    from pipeline.config import Config
+
+    return Config.load(run_dir / "config.yaml", [f"train.steps={steps}"])
