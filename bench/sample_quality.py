@@ -96,7 +96,8 @@ def plot(result: dict, entries: dict, path: Path) -> None:
     axes[0].set_ylabel(f"Frechet distance ({space} features)")
     axes[0].set_title("sample quality (lower is better)", fontsize=9)
     axes[0].tick_params(axis="x", rotation=20, labelsize=8)
-    axes[0].legend(fontsize=7)
+    axes[0].set_ylim(0, 1.35 * max(values + floors))  # room for the legend above the bars
+    axes[0].legend(fontsize=7, loc="upper right")
     for ax, name in zip(axes[1:], names):
         ax.imshow(plt.imread(entries[name]["samples"]))
         ax.set_title(f"{name}: {result['models'][name][space]:.1f}", fontsize=9)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from pipeline.timm_models import DCGANDiscriminator
 from pretext.base import build_optimizer
 from pretext.gan import GAN
-from pretext.grids import save_grid
+from pretext.grids import interleave_rows, save_grid
 from pretext.losses import discriminator_loss
 
 
@@ -107,17 +107,13 @@ class BiGAN(GAN):
     def write_figures(self, directory: Path, step: int, inputs) -> list[Path]:
         """The GAN's grids plus reconstructions G(E(x)) (odd rows: inputs, even rows: G(E(x)))."""
         paths = super().write_figures(directory, step, inputs)
-        if len(inputs) < 8:
-            return paths
         was_training = self.training
         self.eval()
         try:
-            images = inputs[: 32 - len(inputs[:32]) % 8]
+            images = inputs[:32]
             mean, std = self.pixel_stats(images.device)
             originals = (images.float() * std + mean).clamp(0, 1)
-            recon = (self.generator(self.encode(images)) + 1) / 2
-            rows = len(images) // 8
-            pairs = torch.stack([originals.view(rows, 8, *originals.shape[1:]), recon.view(rows, 8, *recon.shape[1:])], 1).flatten(0, 2)
+            pairs = interleave_rows(originals, (self.generator(self.encode(images)) + 1) / 2)
         finally:
             self.train(was_training)
         return paths + [save_grid(pairs, directory / f"step_{step:08d}_reconstructions.png", nrow=8)]

@@ -27,6 +27,14 @@ def save_grid(images: Tensor, path: Path, nrow: int = 8, scale: int = 2) -> Path
     return path
 
 
+def interleave_rows(originals: Tensor, reconstructions: Tensor, per_row: int = 8) -> Tensor:
+    """Rows of `per_row` originals, each followed by the row of their reconstructions (whole rows only)."""
+    per_row = min(per_row, len(originals), len(reconstructions))  # small batches: one row
+    rows = min(len(originals), len(reconstructions)) // per_row
+    pairs = [originals[: rows * per_row], reconstructions[: rows * per_row]]
+    return torch.stack([p.reshape(rows, per_row, *p.shape[1:]) for p in pairs], 1).flatten(0, 2)
+
+
 def lerp(a: Tensor, b: Tensor, steps: int) -> Tensor:
     """(N, steps, D): straight lines from a (N, D) to b, ends included (VAE latents)."""
     t = torch.linspace(0, 1, steps, device=a.device).view(1, steps, 1)

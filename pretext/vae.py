@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.base import ImageOnly, PretextTask
-from pretext.grids import lerp, save_grid
+from pretext.grids import interleave_rows, lerp, save_grid
 from pretext.heads import ConvTransposeDecoder
 from pretext.likelihoods import (LIKELIHOODS, bernoulli_log_likelihood, bits_per_dim, discretized_gaussian_log_likelihood,
                                  gaussian_kl, to_pixels)
@@ -154,8 +154,7 @@ class VAE(PretextTask):
             originals = (images.float() * std + mean).clamp(0, 1)
             mu, _ = self.encode(images)
             recon = self.mean_image(self.decoder(mu))
-            pairs = torch.stack([originals.view(4, 8, *originals.shape[1:]), recon.view(4, 8, *recon.shape[1:])], 1).flatten(0, 2) \
-                if len(images) == 32 else torch.cat([originals, recon])
+            pairs = interleave_rows(originals, recon)
             generator = torch.Generator().manual_seed(step)
             samples = self.sample(64, generator) * std + mean
             half = len(mu) // 2

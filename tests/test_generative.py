@@ -404,3 +404,12 @@ def _with_steps(run_dir: Path, steps: int):
     from pipeline.config import Config
 
     return Config.load(run_dir / "config.yaml", [f"train.steps={steps}"])
+
+
+def test_interleave_rows_puts_each_reconstruction_row_under_its_originals():
+    from pretext.grids import interleave_rows
+
+    originals, recon = torch.arange(16.0).view(16, 1, 1, 1), -torch.arange(16.0).view(16, 1, 1, 1)
+    grid = interleave_rows(originals, recon).flatten().tolist()
+    assert grid == [*range(8), *[-i for i in range(8)], *range(8, 16), *[-i for i in range(8, 16)]]
+    assert interleave_rows(originals[:3], recon[:3]).flatten().tolist() == [0, 1, 2, 0, -1, -2]
