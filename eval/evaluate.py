@@ -15,9 +15,9 @@ from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.report import write_results
 from pipeline.backbone import create_backbone
-from pipeline.checkpoint import CheckpointError, encoder_state, find_checkpoint, load_checkpoint
+from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
 from pipeline.config import Config
-from pipeline.data import ImageDecoder, check_urls
+from pipeline.data import BadSamples, ImageDecoder, check_urls
 from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
 
@@ -26,8 +26,7 @@ log = logging.getLogger("sslpipe.eval")
 
 def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Config, nn.Module, dict]:
     """The run's config and its pretrained backbone, rebuilt with timm (no pretext code involved)."""
-    file = find_checkpoint(path)
-    state = load_checkpoint(file)
+    file, state = load_valid_checkpoint(path)  # the newest readable one (a corrupted newest is reported and skipped)
     cfg = Config.from_dict(state["config"], check_task=False)  # eval needs the backbone, not the task
     if data_root:
         cfg.data.root = data_root
@@ -48,12 +47,12 @@ def scored_model(cfg: Config, backbone: nn.Module, state: dict):
     return task.feature_extractor(), task
 
 
-def checkpoint_decoder(state: dict, require_label: bool = True, image_size: int = 0) -> ImageDecoder:
+def checkpoint_decoder(state: dict, require_label: bool = True, image_size: int = 0, num_classes: int = 0) -> ImageDecoder:
     """Decodes as pretraining did: the checkpoint's colour mode and normalization, and its size
     unless `image_size` asks for another (patch tasks train on upscaled images, whole images at the
     native size are what a downstream user feeds)."""
     info = state["manifest"]
-    return ImageDecoder(info["mode"], image_size or info["image_size"], info["mean"], info["std"], require_label)
+    return ImageDecoder(info["mode"], image_size or info["image_size"], info["mean"], info["std"], require_label, num_classes)
 
 
 def score(train: Features, test: Features, cfg: Config) -> dict:
@@ -68,21 +67,23 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
 
 
 def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None,
-             baselines: list[str] | None = None, image_size: int | None = None) -> dict:
+             baselines: list[str] | None = None, image_size: int | None = None, data_options: dict | None = None) -> dict:
     """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png.
     `baselines` and `image_size` replace the config's eval.baselines and eval.image_size (a
     benchmark scores baselines once for many runs)."""
     start = time.perf_counter()
-    checkpoint = find_checkpoint(path)
+    checkpoint, _ = load_valid_checkpoint(path)
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
     if baselines is not None:
         cfg.eval.baselines = baselines
     if image_size is not None:
         cfg.eval.image_size = image_size
+    for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
+        setattr(cfg.data, key, value)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, task = scored_model(cfg, pretrained, state)
     manifest = read_manifest(cfg.data.root)
-    decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size)
+    decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size, num_classes=len(manifest.get("classes") or []))
     splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
 
     models: dict[str, nn.Module | None] = {}
@@ -97,7 +98,8 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     for name, model in models.items():
         features = {
             split: extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
-                                    desc=f"{name} {split}", total=manifest["splits"][split]["count"])
+                                    desc=f"{name} {split}", total=manifest["splits"][split]["count"],
+                                    bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
             for split, urls in splits.items()
         }
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)

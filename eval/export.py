@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from eval.evaluate import checkpoint_decoder, load_pretrained, scored_model
 from eval.features import extract_features
-from pipeline.data import check_urls
+from pipeline.data import BadSamples, check_urls
 from pipeline.shards import read_manifest, split_urls
 
 
@@ -49,9 +49,11 @@ def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | None = None, device: str | None = None,
-                    data_root: str | None = None) -> dict[str, int]:
+                    data_root: str | None = None, data_options: dict | None = None) -> dict[str, int]:
     """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
     cfg, backbone, state = load_pretrained(path, data_root)
+    for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
+        setattr(cfg.data, key, value)
     model, _ = scored_model(cfg, backbone, state)  # what `sslpipe eval` scores (the VAE may score its posterior mean)
     manifest = read_manifest(cfg.data.root)
     decoder = checkpoint_decoder(state, require_label=False, image_size=cfg.eval.image_size)  # as `sslpipe eval` scores them
@@ -62,7 +64,8 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     for split in splits or list(manifest["splits"]):
         urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
         features = extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
-                                    desc=f"export {split}", total=manifest["splits"][split]["count"])
+                                    desc=f"export {split}", total=manifest["splits"][split]["count"],
+                                    bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
         np.save(out_dir / f"{split}_features.npy", features.features.numpy())
         np.save(out_dir / f"{split}_labels.npy", features.labels.numpy())
         (out_dir / f"{split}_keys.txt").write_text("\n".join(features.keys) + "\n")

@@ -1,13 +1,16 @@
 """Frozen-feature extraction: every sample of a split exactly once, in pooled backbone features."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.data import ImageDecoder, eval_loader
+from pipeline.data import BadSamples, ImageDecoder, eval_loader
+
+log = logging.getLogger("sslpipe.eval")
 
 
 @dataclass
@@ -35,12 +38,13 @@ def extract_features(
     world_size: int = 1,
     desc: str = "features",
     total: int | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> Features:
     """Pooled features of `model` (None: the normalized pixels, flattened) for this rank's samples."""
     device = torch.device(device)
     if model is not None:
         model.eval().to(device)
-    loader = eval_loader(urls, rank, world_size, decoder, batch_size, loader_workers, pin_memory=device.type == "cuda")
+    loader = eval_loader(urls, rank, world_size, decoder, batch_size, loader_workers, pin_memory=device.type == "cuda", bad_samples=bad_samples)
     chunks, labels, keys = [], [], []
     with tqdm(total=total, desc=desc, unit="img", mininterval=2.0) as progress:
         for images, batch_labels, batch_keys in loader:
@@ -53,6 +57,9 @@ def extract_features(
             labels.append(torch.as_tensor(batch_labels))
             keys.extend(batch_keys)
             progress.update(len(batch_keys))
+    counts = loader.bad_samples.counts()
+    if counts["bad_samples"] or counts["bad_shards"]:
+        log.warning("%s: %s", desc, loader.bad_samples.summary())
     if not chunks:
         return Features(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [])
     return Features(torch.cat(chunks), torch.cat(labels).long(), keys).sorted_by_key()

@@ -7,11 +7,14 @@ containers only, so opening one never runs code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("sslpipe.checkpoint")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -53,31 +56,68 @@ def checkpoint_step(directory: Path) -> int:
         return -1
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint file for a checkpoint file, a checkpoint directory or a run directory (latest step)."""
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """Checkpoint files for a checkpoint file, a checkpoint directory or a run directory, newest
+    (highest step, then latest written) first."""
     path = Path(path)
     if path.is_file():
-        return path
+        return [path]
     if (path / CHECKPOINT_FILE).is_file():
-        return path / CHECKPOINT_FILE
+        return [path / CHECKPOINT_FILE]
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     candidates = [p.parent for p in path.rglob(CHECKPOINT_FILE)]
     if not candidates:
         raise CheckpointError(f"no {CHECKPOINT_FILE} under {path}: did pretraining reach its first checkpoint?")
-    return max(candidates, key=lambda d: (checkpoint_step(d), d.stat().st_mtime)) / CHECKPOINT_FILE
+    candidates.sort(key=lambda d: (checkpoint_step(d), d.stat().st_mtime), reverse=True)
+    return [d / CHECKPOINT_FILE for d in candidates]
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    file = find_checkpoint(path)
+def find_checkpoint(path: str | Path) -> Path:
+    """The newest checkpoint file for a checkpoint file, a checkpoint directory or a run directory."""
+    return checkpoint_files(path)[0]
+
+
+def read_checkpoint(file: Path, map_location: str | torch.device = "cpu") -> dict:
+    """One checkpoint file, tensors and plain containers only; CheckpointError names the file."""
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {file}: {err}") from err
-    missing = [key for key in ("task", "step", "config", "manifest") if key not in state]
+        raise CheckpointError(f"cannot read checkpoint {file}: {load_error_summary(err)}") from err
+    missing = [key for key in ("task", "step", "config", "manifest") if key not in state] if isinstance(state, dict) else ["everything"]
     if missing:
         raise CheckpointError(f"checkpoint {file} lacks {missing}: not an sslpipe checkpoint")
     return state
+
+
+def load_error_summary(err: Exception) -> str:
+    """One line for torch.load's failure. Its weights_only message runs to a paragraph that also
+    suggests weights_only=False, the one thing never to do with a file of unknown origin."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        after = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if "Unpickler error" in line), "")
+        return f"not a file of tensors and plain containers (refused by weights_only loading: {after or 'unsupported content'})"
+    return lines[0] if lines else type(err).__name__
+
+
+def load_valid_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict]:
+    """The newest readable checkpoint under `path` and its file. A newer one that cannot be read
+    (truncated, corrupted) is reported by name and the previous one is used; a checkpoint file
+    named directly is never replaced by another."""
+    errors = []
+    for file in checkpoint_files(path):
+        try:
+            state = read_checkpoint(file, map_location)
+        except CheckpointError as err:
+            errors.append(str(err))
+            log.warning("%s; falling back to the previous checkpoint", err)
+            continue
+        return file, state
+    raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    return load_valid_checkpoint(path, map_location)[1]
 
 
 def encoder_state(state: dict) -> dict[str, torch.Tensor]:

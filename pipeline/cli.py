@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (uses its config.yaml unless --config)")
     pretrain.add_argument("--local", action="store_true", help="train in this one process without Ray (debugging, single-GPU benchmarks)")
     add_scaling_flags(pretrain)
+    add_input_flags(pretrain)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint vs raw pixels and random init")
     evaluate.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run directory (latest checkpoint) or checkpoint")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.add_argument("--image-size", type=int, help="evaluate whole images at this size (default: the run's eval.image_size, "
                           "else the pretraining size; 0 forces the pretraining size)")
+    add_input_flags(evaluate)
 
     export = commands.add_parser("export", help="export features (.npy, keys, labels) and backbone weights (safetensors)")
     export.add_argument("path", metavar="RUN_OR_CHECKPOINT")
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-features", action="store_true", help="export the backbone weights only")
     export.add_argument("--data-root", help="shard folder, if it moved since pretraining")
     export.add_argument("--device")
+    add_input_flags(export)
 
     commands.add_parser("tasks", help="list the registered pretext tasks and their options")
 
@@ -66,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="configs/rotation_fmnist.yaml")
     demo.add_argument("--src", help="Fashion-MNIST folder (see `sslpipe data fashion-mnist --help`)")
     add_scaling_flags(demo)
+    add_input_flags(demo)
     return parser
+
+
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict", action="store_true", help="raise on the first bad sample or shard (data.strict=true); "
+                        "default: skip and count them with a warning, abort above data.max_bad_fraction")
+    parser.add_argument("--allow-shell-urls", action="store_true", help="let `pipe:` shard URLs run their shell command (data.allow_shell_urls=true)")
+
+
+def input_overrides(args) -> dict:
+    """The data.* values the input flags set (none when a flag is absent: the config's value stays)."""
+    return {k: True for k, flag in (("strict", args.strict), ("allow_shell_urls", args.allow_shell_urls)) if flag}
 
 
 def add_scaling_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +103,7 @@ def load_config(args, overrides: list[str]) -> Config:
         flags.append(f"scaling.num_workers={args.num_workers}")
     if args.gpu:
         flags.append("scaling.use_gpu=true")
+    flags += [f"data.{key}=true" for key in input_overrides(args)]
     cfg = Config.load(path, [*overrides, *flags])
     from pipeline.backbone import check_backbone
 
@@ -118,7 +134,7 @@ def cmd_eval(args) -> dict:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
 
-    results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size)
+    results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size, data_options=input_overrides(args))
     print(markdown_table(results))
     return results
 
@@ -129,7 +145,7 @@ def cmd_export(args) -> None:
     file = export_backbone(args.path, args.out)
     print(f"wrote {file}")
     if not args.no_features:
-        counts = export_features(args.path, args.out, args.splits, args.device, args.data_root)
+        counts = export_features(args.path, args.out, args.splits, args.device, args.data_root, data_options=input_overrides(args))
         print(f"wrote features to {args.out}: {counts}")
 
 

@@ -28,6 +28,8 @@ class DataConfig:
     loader_workers: int = 1  # DataLoader processes per Ray worker; per-sample transforms run there
     shuffle_buffer: int = 2000
     allow_shell_urls: bool = False  # `pipe:` shard URLs run a shell command: opt in explicitly
+    strict: bool = False  # raise on the first bad sample or shard instead of skipping and counting it
+    max_bad_fraction: float = 0.01  # abort when more than this fraction of the samples read were bad
 
 
 @dataclass
@@ -283,6 +285,8 @@ def validate(cfg: Config, check_task: bool = True) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by "
             f"scaling.num_workers={cfg.scaling.num_workers}"
         )
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if not 0 < cfg.eval.linear_val_fraction < 1:

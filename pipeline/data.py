@@ -8,6 +8,8 @@ nothing in a shard can run code (WebDataset's default decoders unpickle `.pyd` e
 from __future__ import annotations
 
 import io
+import logging
+import multiprocessing
 import random
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,8 +25,81 @@ LABEL_EXTS = ("cls", "label")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
 
 
+log = logging.getLogger("sslpipe.data")
+
+
 class ShardError(RuntimeError):
     """A shard cannot be read or holds a bad sample; the message names shard and key."""
+
+
+class BadSamples:
+    """The bad-input policy, with counts shared by all loader worker processes of one loader.
+
+    Default: a sample that cannot be used (image that does not decode, zero bytes, no image, no
+    or out-of-range label where labels are needed, pickled entries) is skipped with a warning
+    naming shard and key, and a truncated or unreadable shard is skipped from the point it
+    breaks; the loader aborts with ShardError once more than `max_fraction` of the samples seen
+    (after `min_seen`) were bad. `strict` raises on the first bad sample or shard instead.
+    """
+
+    def __init__(self, strict: bool = False, max_fraction: float = 0.01, min_seen: int = 100):
+        self.strict, self.max_fraction, self.min_seen = strict, max_fraction, min_seen
+        # Shared memory: DataLoader workers inherit these, so the counts cover every worker.
+        self.seen = multiprocessing.Value("q", 0)
+        self.bad = multiprocessing.Value("q", 0)
+        self.bad_shards = multiprocessing.Value("q", 0)
+
+    def counts(self) -> dict[str, int]:
+        return {"seen": self.seen.value, "bad_samples": self.bad.value, "bad_shards": self.bad_shards.value}
+
+    def summary(self) -> str:
+        c = self.counts()
+        return f"{c['bad_samples']} bad sample(s) skipped of {c['seen']} read, {c['bad_shards']} shard(s) cut short"
+
+    def sample_failed(self, err: ShardError) -> None:
+        if self.strict:
+            raise err
+        with self.bad.get_lock():
+            self.bad.value += 1
+            bad = self.bad.value
+        log.warning("skipping bad sample (%d so far): %s", bad, err)
+        seen = max(self.seen.value, 1)
+        if seen >= self.min_seen and bad / seen > self.max_fraction:
+            raise ShardError(f"{bad} of {seen} samples were bad, more than data.max_bad_fraction={self.max_fraction} "
+                             f"(last: {err}); fix the shards or raise the fraction")
+
+    def shard_failed(self, exn: Exception) -> bool:
+        """WebDataset handler for shard-level errors (truncated tar, unreadable file)."""
+        if self.strict:
+            raise_with_shard(exn)
+        with self.bad_shards.get_lock():
+            self.bad_shards.value += 1
+        url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), "?")
+        log.warning("shard %s: %s; skipping the rest of this shard", url, exn.args[0] if exn.args else repr(exn))
+        return True  # go on with the next shard
+
+    def decode(self, decoder: "ImageDecoder") -> "GuardedDecoder":
+        return GuardedDecoder(decoder, self)
+
+
+class GuardedDecoder:
+    """Runs the decoder under the policy: a bad sample becomes None (dropped by `is_sample`)."""
+
+    def __init__(self, decoder: "ImageDecoder", policy: BadSamples):
+        self.decoder, self.policy = decoder, policy
+
+    def __call__(self, sample: dict) -> dict | None:
+        with self.policy.seen.get_lock():
+            self.policy.seen.value += 1
+        try:
+            return self.decoder(sample)
+        except ShardError as err:
+            self.policy.sample_failed(err)
+            return None
+
+
+def is_sample(sample) -> bool:
+    return sample is not None
 
 
 def check_urls(urls: list[str], allow_shell_urls: bool = False) -> list[str]:
@@ -94,8 +169,9 @@ class ImageDecoder:
     rejected, never unpickled.
     """
 
-    def __init__(self, mode: str, image_size: int, mean: list[float], std: list[float], require_label: bool = False):
-        self.mode, self.image_size, self.require_label = mode, image_size, require_label
+    def __init__(self, mode: str, image_size: int, mean: list[float], std: list[float], require_label: bool = False,
+                 num_classes: int = 0):
+        self.mode, self.image_size, self.require_label, self.num_classes = mode, image_size, require_label, num_classes
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -108,8 +184,10 @@ class ImageDecoder:
         if image_ext is None:
             raise ShardError(f"shard {url}, key {key}: no image (expected one of {list(IMAGE_EXTS)}, found {sorted(k for k in sample if not k.startswith('__'))})")
         try:
+            if not sample[image_ext]:
+                raise ValueError("zero bytes")
             with Image.open(io.BytesIO(sample[image_ext])) as img:
-                img = img.convert(self.mode)
+                img = convert_image(img, self.mode)
                 if self.image_size and img.size != (self.image_size, self.image_size):
                     img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
                 pixels = np.asarray(img, dtype=np.uint8)
@@ -127,7 +205,27 @@ class ImageDecoder:
                 label = int(sample[label_ext].decode().strip())
             except ValueError as err:
                 raise ShardError(f"shard {url}, key {key}: label {sample[label_ext][:20]!r} is not an integer") from err
+            if self.num_classes and not 0 <= label < self.num_classes:
+                raise ShardError(f"shard {url}, key {key}: label {label} is outside the {self.num_classes} classes of the manifest (0..{self.num_classes - 1})")
         return {"image": (image - self.mean) / self.std, "label": label, "key": key}
+
+
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """Any PIL image to `mode` ("L" or "RGB") the way a user expects, not PIL's bare convert():
+    16-bit and 32-bit integer grayscale are scaled to 8 bits (convert() would clip at 255),
+    transparency is composited over black (convert() would expose whatever colour hides under
+    alpha 0), palettes are expanded through their colours, CMYK goes through PIL's CMYK->RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")  # 16-bit range to 8-bit
+    elif img.mode == "F":
+        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0) * 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert(mode)
 
 
 def eval_item(sample: dict) -> tuple[torch.Tensor, int, str]:
@@ -161,17 +259,23 @@ def train_loader(
     loader_workers: int,
     seed: int,
     pin_memory: bool = False,
+    bad_samples: BadSamples | None = None,
 ) -> wds.WebLoader:
-    """An endless stream of collated `(inputs, target)` batches of `batch_size` for this rank."""
+    """An endless stream of collated `(inputs, target)` batches of `batch_size` for this rank;
+    `loader.bad_samples` holds the bad-input policy and its counts."""
+    policy = bad_samples or BadSamples()
     pipeline = wds.DataPipeline(
         TrainShards(urls, rank, world_size, seed),
-        wds.tarfile_to_samples(handler=raise_with_shard),
+        wds.tarfile_to_samples(handler=policy.shard_failed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank),
-        wds.map(decoder),
+        wds.map(policy.decode(decoder)),
+        wds.select(is_sample),
         wds.map(transform),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
-    return make_loader(pipeline, loader_workers, pin_memory)
+    loader = make_loader(pipeline, loader_workers, pin_memory)
+    loader.bad_samples = policy
+    return loader
 
 
 def eval_loader(
@@ -182,16 +286,22 @@ def eval_loader(
     batch_size: int,
     loader_workers: int,
     pin_memory: bool = False,
+    bad_samples: BadSamples | None = None,
 ) -> wds.WebLoader:
-    """Every sample of this rank's shards exactly once as `(images, labels, keys)` batches."""
+    """Every good sample of this rank's shards exactly once as `(images, labels, keys)` batches
+    (bad ones are skipped and counted in `loader.bad_samples`, or raise under the strict policy)."""
+    policy = bad_samples or BadSamples()
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
-        wds.tarfile_to_samples(handler=raise_with_shard),
-        wds.map(decoder),
+        wds.tarfile_to_samples(handler=policy.shard_failed),
+        wds.map(policy.decode(decoder)),
+        wds.select(is_sample),
         wds.map(eval_item),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    return make_loader(pipeline, loader_workers, pin_memory)
+    loader = make_loader(pipeline, loader_workers, pin_memory)
+    loader.bad_samples = policy
+    return loader
 
 
 def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool = False) -> ImageDecoder:
@@ -202,4 +312,4 @@ def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool
     size = image_size or (stats["image_size"] or [0])[0]
     if not size:
         raise ShardError(f"images of split {split!r} in {manifest.get('name', '?')!r} differ in size: set data.image_size to resize them to one size")
-    return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label)
+    return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label, len(manifest.get("classes") or []))

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import find_checkpoint
+from pipeline.checkpoint import load_valid_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.metrics import plot_metrics
 
@@ -94,7 +94,8 @@ def start_run(cfg: Config, resume: str | Path | None) -> Path:
     """Resolves the checkpoint to resume from (on the driver, so every worker starts from exactly
     that one), fixes and writes the run directory, and checks the data before any training starts."""
     if resume:
-        cfg.train.resume_from = str(find_checkpoint(resume).resolve())
+        # The newest readable checkpoint: a corrupted newest one is named and the previous one used.
+        cfg.train.resume_from = str(load_valid_checkpoint(resume)[0].resolve())
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s", run_dir)
     check_data(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, write_checkpoint, write_local_checkpoint
+from pipeline.checkpoint import CheckpointError, load_checkpoint, write_checkpoint, write_local_checkpoint
 
 
 class LocalSession:
@@ -31,7 +31,7 @@ class LocalSession:
     def load_latest(self, resume_from: str = "") -> dict | None:
         """This run's latest local checkpoint, else `resume_from` (a checkpoint to start from), else None."""
         if any((self.run_dir / "checkpoints").glob("step_*/checkpoint.pt")):
-            return load_checkpoint(find_checkpoint(self.run_dir / "checkpoints"))
+            return load_checkpoint(self.run_dir / "checkpoints")  # the newest readable one
         return load_checkpoint(resume_from) if resume_from else None
 
     def report(self, metrics: dict, state: dict | None) -> None:
@@ -68,9 +68,13 @@ class RaySession:
             return load_checkpoint(resume_from) if resume_from else None
         with checkpoint.as_directory() as directory:
             try:
-                return load_checkpoint(find_checkpoint(directory))
+                return load_checkpoint(directory)
             except CheckpointError as err:
-                raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
+                # Ray keeps this run's earlier checkpoints beside the latest: use the newest readable one.
+                fallback = Path(checkpoint.path).parent
+                if not fallback.is_dir():
+                    raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
+                return load_checkpoint(fallback)
 
     def report(self, metrics: dict, state: dict | None) -> None:
         import ray.train

@@ -12,7 +12,7 @@ import torch
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError
-from pipeline.data import check_urls, decoder_for, train_loader
+from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
@@ -107,6 +107,7 @@ def train_worker(cfg: Config, session) -> dict:
     loader = train_loader(
         urls, session.rank, session.world_size, decoder, task.sample_transform(), batch_size,
         cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
+        bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction),
     )
     metrics_log = MetricsLog(run_dir) if session.rank == 0 else None
     batches = iter(loader)
@@ -132,6 +133,8 @@ def train_worker(cfg: Config, session) -> dict:
         if step % cfg.train.log_every == 0 or checkpoint_now:
             elapsed = time.perf_counter() - window_start
             metrics = session.all_reduce_mean({k: v / window_steps for k, v in sums.items()})
+            # Summed over ranks: the bad samples skipped so far (this run, since the last start).
+            metrics["bad_samples"] = round(session.all_reduce_mean({"bad": float(loader.bad_samples.bad.value)})["bad"] * session.world_size)
             metrics.update(step=step, lr=schedulers[next(iter(schedulers))].get_last_lr()[0],
                            images_per_s=round(window_steps * cfg.train.global_batch_size / elapsed, 1),
                            epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))
@@ -156,4 +159,6 @@ def train_worker(cfg: Config, session) -> dict:
             # Every rank reports at the same steps; only rank 0 passes a checkpoint.
             session.report(metrics, state)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
+    if session.rank == 0:
+        log.info("input: %s (rank 0; the metrics' bad_samples sums all ranks)", loader.bad_samples.summary())
     return metrics

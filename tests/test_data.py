@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data import ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
 from pipeline.ingest import write_fashion_mnist, write_image_folder
 from pipeline.shards import read_manifest, sha256, split_urls
 from pipeline.sources import DatasetNotFoundError, find_fashion_mnist
@@ -132,17 +132,20 @@ def test_pickled_entries_are_refused_not_unpickled(tmp_path, raw_decoder):
     payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
     url = write_raw_shard(tmp_path / "evil.tar", [{"__key__": "s0", "png": png_bytes(), "cls": b"1", "pyd": payload}])
     with pytest.raises(ShardError, match=r"evil.tar.*s0.*pyd"):
-        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0, bad_samples=BadSamples(strict=True)))
+    # The default policy skips it too (counted), still without unpickling.
+    loader = eval_loader([url], 0, 1, raw_decoder, 4, 0)
+    assert list(loader) == [] and loader.bad_samples.counts()["bad_samples"] == 1
     assert not marker.exists()
 
 
 def test_missing_label_and_bad_image_name_shard_and_key(tmp_path, raw_decoder):
     url = write_raw_shard(tmp_path / "nolabel.tar", [{"__key__": "s1", "png": png_bytes()}])
     with pytest.raises(ShardError, match=r"nolabel.tar.*s1.*no label"):
-        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0, bad_samples=BadSamples(strict=True)))
     url = write_raw_shard(tmp_path / "broken.tar", [{"__key__": "s2", "png": b"not a png", "cls": b"0"}])
     with pytest.raises(ShardError, match=r"broken.tar.*s2.*does not decode"):
-        list(eval_loader([url], 0, 1, raw_decoder, 4, 0))
+        list(eval_loader([url], 0, 1, raw_decoder, 4, 0, bad_samples=BadSamples(strict=True)))
 
 
 def test_colour_images_are_converted_to_the_dataset_mode(tmp_path, raw_decoder):
@@ -155,7 +158,7 @@ def test_truncated_shard_names_the_shard(tmp_path, shards, raw_decoder):
     data = (shards / "train-000000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(ShardError, match="cut.tar"):
-        list(eval_loader([str(tmp_path / "cut.tar")], 0, 1, raw_decoder, 4, 0))
+        list(eval_loader([str(tmp_path / "cut.tar")], 0, 1, raw_decoder, 4, 0, bad_samples=BadSamples(strict=True)))
 
 
 def test_fashion_mnist_ingest_writes_train_and_test(tmp_path, fake_fashion_mnist):

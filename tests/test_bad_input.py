@@ -1,0 +1,215 @@
+"""Bad input: each bad sample or shard is skipped and counted by default (warning naming shard and
+key), raises under --strict, and aborts the loader above data.max_bad_fraction; unusual image
+modes are converted, not rejected."""
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import BadSamples, ImageDecoder, ShardError, eval_loader, train_loader
+from tests.test_data import png_bytes, write_raw_shard
+
+GOOD = [{"__key__": f"good{i}", "png": png_bytes(), "cls": b"1"} for i in range(6)]
+BAD = {
+    "undecodable": ({"__key__": "bad", "png": b"not a png", "cls": b"0"}, "does not decode"),
+    "zero_bytes": ({"__key__": "bad", "png": b"", "cls": b"0"}, "zero bytes"),
+    "no_image": ({"__key__": "bad", "cls": b"0"}, "no image"),
+    "no_label": ({"__key__": "bad", "png": png_bytes()}, "no label"),
+    "label_out_of_range": ({"__key__": "bad", "png": png_bytes(), "cls": b"7"}, "outside the 4 classes"),
+    "negative_label": ({"__key__": "bad", "png": png_bytes(), "cls": b"-1"}, "outside the 4 classes"),
+    "pickled_entry": ({"__key__": "bad", "png": png_bytes(), "cls": b"0", "pyd": b"cos\nsystem\n(S'true'\ntR."}, "pickled"),
+}
+
+
+def decoder(mode: str = "L") -> ImageDecoder:
+    channels = 1 if mode == "L" else 3
+    return ImageDecoder(mode, 8, [0.0] * channels, [1.0] * channels, require_label=True, num_classes=4)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sample_is_skipped_counted_and_named(tmp_path, caplog, case):
+    sample, reason = BAD[case]
+    url = write_raw_shard(tmp_path / f"{case}.tar", GOOD[:3] + [sample] + GOOD[3:])
+    loader = eval_loader([url], 0, 1, decoder(), 4, 0)
+    with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
+        keys = [k for _, _, batch in loader for k in batch]
+    assert keys == [f"good{i}" for i in range(6)]  # nothing good is lost
+    assert loader.bad_samples.counts() == {"seen": 7, "bad_samples": 1, "bad_shards": 0}
+    assert f"{case}.tar" in caplog.text and "key bad" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_strict_raises_on_the_first_bad_sample_naming_shard_and_key(tmp_path, case):
+    sample, reason = BAD[case]
+    url = write_raw_shard(tmp_path / f"{case}.tar", GOOD[:3] + [sample])
+    with pytest.raises(ShardError, match=rf"{case}.tar, key bad: .*{reason}"):
+        list(eval_loader([url], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(strict=True)))
+
+
+def test_truncated_and_zero_byte_shards_keep_what_was_read_and_go_on(tmp_path, caplog):
+    whole = write_raw_shard(tmp_path / "whole.tar", GOOD)
+    data = open(whole, "rb").read()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    urls = [str(tmp_path / "cut.tar"), str(tmp_path / "empty.tar"), whole]
+    loader = eval_loader(urls, 0, 1, decoder(), 4, 0)
+    with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
+        keys = [k for _, _, batch in loader for k in batch]
+    # The cut shard's samples up to the cut (a sample cut in half is a bad sample), then the whole shard.
+    from_cut = keys[:-6]
+    assert 1 <= len(from_cut) < 6 and from_cut == [f"good{i}" for i in range(len(from_cut))]
+    assert keys[-6:] == [f"good{i}" for i in range(6)]
+    assert loader.bad_samples.counts()["bad_shards"] == 2
+    assert "cut.tar" in caplog.text and "empty.tar" in caplog.text
+
+
+def test_too_many_bad_samples_abort_with_the_fraction(tmp_path):
+    samples = [dict(GOOD[i % 6], __key__=f"g{i}") for i in range(20)] + [dict(BAD["undecodable"][0], __key__=f"b{i}") for i in range(5)]
+    url = write_raw_shard(tmp_path / "mostly.tar", samples)
+    with pytest.raises(ShardError, match=r"3 of 23 samples were bad, more than data.max_bad_fraction=0.1 \(last: .*mostly.tar, key b2"):
+        list(eval_loader([url], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(max_fraction=0.1, min_seen=10)))
+    # Under the fraction: all good samples come through.
+    loader = eval_loader([url], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(max_fraction=0.25, min_seen=10))
+    assert sum(len(batch) for _, _, batch in loader) == 20
+
+
+def test_training_stream_skips_bad_samples_across_loader_workers(tmp_path):
+    urls = [write_raw_shard(tmp_path / f"s{i}.tar", GOOD[:4] + [dict(BAD["zero_bytes"][0], __key__=f"bad{i}")]) for i in range(2)]
+    policy = BadSamples(max_fraction=0.5)
+    loader = train_loader(urls, 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 8, loader_workers=2, seed=0, bad_samples=policy)
+    batches = iter(loader)
+    for _ in range(6):
+        images, labels = next(batches)
+        assert images.shape == (4, 1, 8, 8) and labels.tolist() == [1, 1, 1, 1]
+    assert policy.counts()["bad_samples"] >= 2  # counted in the loader worker processes, seen here
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def decode_one(payload: bytes, mode: str, ext: str = "png") -> torch.Tensor:
+    return decoder(mode)({"__key__": "k", "__url__": "u", ext: payload, "cls": b"0"})["image"]
+
+
+def test_rgba_is_composited_over_black():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[:4, ..., 3] = 255  # top half opaque, bottom half fully transparent
+    rgba[4:, ..., 3] = 0
+    image = decode_one(encode(Image.fromarray(rgba, "RGBA")), "RGB")
+    assert torch.allclose(image[:, 0, 0], torch.tensor([200, 100, 50]) / 255)
+    assert torch.equal(image[:, 7, 7], torch.zeros(3))  # not the hidden (200, 100, 50)
+
+
+def test_palette_images_use_their_palette_and_transparency():
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert torch.allclose(decode_one(encode(palette), "RGB")[:, 0, 0], torch.tensor([10, 200, 30]) / 255)
+    palette.info["transparency"] = 1  # colour 1 transparent: black after compositing
+    assert torch.equal(decode_one(encode(palette), "RGB")[:, 0, 0], torch.zeros(3))
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    wide = np.array([[0, 257 * 128, 65535, 1000] * 2] * 8, dtype=np.uint16)
+    image = decode_one(encode(Image.fromarray(wide)), "L")  # PIL saves mode I;16 as a 16-bit PNG
+    assert image[0, 0, :4].mul(255).round().tolist() == [0, 128, 255, 3]  # PIL's convert("L") would give 255 for 1000
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))  # no ink: white
+    image = decode_one(encode(cmyk, "JPEG"), "RGB", ext="jpg")
+    assert image.shape == (3, 8, 8) and image.min() > 0.95
+    gray = decode_one(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 255)), "JPEG"), "L", ext="jpg")  # full black ink
+    assert gray.max() < 0.05
+
+
+# ---- Checkpoints -----------------------------------------------------------------------------
+
+def test_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(shards, tmp_path, caplog):
+    from pipeline.checkpoint import CheckpointError, load_checkpoint, load_valid_checkpoint
+    from pipeline.metrics import read_metrics
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+    from tests.test_train import tiny_config
+
+    cfg = tiny_config(shards, tmp_path / "run", train__steps=20, train__checkpoint_every=10, train__log_every=10)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    latest = tmp_path / "run" / "checkpoints" / "step_00000020" / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a write cut short (a pre-atomic copy, a full disk)
+
+    with caplog.at_level(logging.WARNING, logger="sslpipe.checkpoint"):
+        file, state = load_valid_checkpoint(tmp_path / "run")
+    assert state["step"] == 10 and file.parent.name == "step_00000010"
+    assert str(latest) in caplog.text and "falling back" in caplog.text
+    with pytest.raises(CheckpointError, match=str(latest)):
+        load_checkpoint(latest)  # named directly: never silently replaced
+
+    # Resuming continues from step 10, and the run completes its 30 steps.
+    longer = tiny_config(shards, tmp_path / "run", train__steps=30, train__checkpoint_every=10, train__log_every=10)
+    train_worker(longer, LocalSession(longer.run_dir, device="cpu"))
+    assert [m["step"] for m in read_metrics(longer.run_dir)] == [10, 20, 20, 30]  # 11..20 redone after the fallback
+    assert load_checkpoint(tmp_path / "run")["step"] == 30
+
+
+def test_no_readable_checkpoint_lists_every_file(tmp_path):
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+
+    for step in (10, 20):
+        folder = tmp_path / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint: .*step_00000020.*step_00000010"):
+        load_checkpoint(tmp_path)
+
+
+# ---- Command-line switches of the policy -----------------------------------------------------
+
+def test_strict_and_shell_url_flags_set_the_data_config(tmp_path):
+    from pipeline.cli import build_parser, load_config
+
+    args = build_parser().parse_args(["pretrain", "--strict", "--allow-shell-urls"])
+    cfg = load_config(args, [])
+    assert cfg.data.strict and cfg.data.allow_shell_urls
+    plain = load_config(build_parser().parse_args(["pretrain"]), [])
+    assert not plain.data.strict and not plain.data.allow_shell_urls
+
+
+def test_pipe_urls_refused_without_the_flag_and_run_with_it(tmp_path):
+    from pipeline.data import check_urls
+
+    whole = write_raw_shard(tmp_path / "s.tar", GOOD)
+    url = f"pipe:cat {whole}"
+    with pytest.raises(ShardError, match="--allow-shell-urls"):
+        check_urls([url])
+    loader = eval_loader(check_urls([url], allow_shell_urls=True), 0, 1, decoder(), 4, 0)
+    assert sum(len(batch) for _, _, batch in loader) == 6
+
+
+def test_eval_strict_flag_raises_on_a_bad_sample_the_default_skips(shards, tmp_path, capsys):
+    """End to end through `sslpipe eval`: one corrupted test sample is skipped (and reported) by
+    default, and stops `sslpipe eval --strict` with a message naming shard and key."""
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+    from tests.test_train import tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    cfg = tiny_config(data, tmp_path / "run", train__steps=2, train__checkpoint_every=2)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    shard = data / "test-000000.tar"
+    write_raw_shard(shard, [{"__key__": "test_00000", "png": b"\x89PNG broken", "cls": b"0"}] + GOOD[:3])
+
+    assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval")]) == 0
+    assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval-strict"), "--strict"]) == 2
+    assert "test-000000.tar, key test_00000" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Faults a long run must survive: a Ray Train worker killed mid-run (by its PID) is restarted by
+Ray (FailureConfig) and training resumes from the latest checkpoint to the configured step."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.metrics import read_metrics
+from tests.test_train import tiny_config
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    import psutil
+
+    titled = {proc.info["pid"] for proc in psutil.process_iter(["pid", "cmdline"])
+              if " ".join(proc.info["cmdline"] or []).startswith("ray::RayTrainWorker")}
+    # Their DataLoader processes are forked from them and inherit the title: keep the parents only.
+    return sorted(pid for pid in titled if psutil.Process(pid).ppid() not in titled)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    try:
+        return [m["step"] for m in read_metrics(run_dir)]
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.mark.ray
+def test_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(shards, tmp_path, ray_local):
+    from pipeline.launch import pretrain
+
+    checkpoint_every, total = 40, 400
+    cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=2, scaling__max_failures=1,
+                      train__steps=total, train__checkpoint_every=checkpoint_every, train__log_every=10)
+    run_dir = Path(cfg.run_dir)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["run_dir"] = pretrain(cfg)
+        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and max(logged_steps(run_dir), default=0) < 2 * checkpoint_every + 10:
+        time.sleep(0.2)
+    victims = train_worker_pids()
+    assert len(victims) == 2, f"expected 2 Ray Train workers, found {victims}"
+    os.kill(victims[-1], signal.SIGKILL)
+    killed_after = max(logged_steps(run_dir))
+    thread.join(timeout=300)
+
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    assert load_checkpoint(run_dir)["step"] == total  # completed the configured steps; the final checkpoint loads
+    steps = logged_steps(run_dir)
+    assert steps[-1] == total
+    # Exactly one restart: the step counter goes back once, to just after a checkpoint taken
+    # before the kill, so at most one checkpoint interval of work was lost.
+    restarts = [(before, after) for before, after in zip(steps, steps[1:]) if after <= before]
+    assert len(restarts) == 1, steps
+    before, after = restarts[0]
+    resumed_from = after - cfg.train.log_every
+    assert resumed_from % checkpoint_every == 0 and resumed_from >= checkpoint_every
+    assert killed_after - checkpoint_every - cfg.train.log_every <= resumed_from <= killed_after
+    assert before - resumed_from <= checkpoint_every + cfg.train.log_every  # steps redone after the crash
+
+
+def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_continues_with_optimizer_state(shards, tmp_path):
+    """SIGINT to `sslpipe pretrain --local` mid-run (a user's Ctrl-C, a preemption notice): the
+    newest checkpoint loads, and `--resume RUN_DIR` continues from it to the configured step."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline.cli", "pretrain", "--local", f"--run_dir={run_dir}", f"--data.root={shards}",
+            "--model.backbone_kwargs={channels: [8, 16, 32, 64]}", "--data.shuffle_buffer=64", "--optim.name=adamw",
+            "--optim.lr=0.01", "--optim.weight_decay=0.0", "--train.global_batch_size=32", "--train.log_every=5",
+            "--train.checkpoint_every=10", "--scaling.num_workers=1"]
+    proc = subprocess.Popen([*args, "--train.steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_00000020")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    interrupted = load_checkpoint(run_dir)  # the newest complete checkpoint (never a half-written one)
+    assert interrupted["step"] >= 20 and not list((run_dir / "checkpoints").glob(".tmp_*/checkpoint.pt.partial"))
+
+    target = interrupted["step"] + 10
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "--local", "--resume", str(run_dir), f"--train.steps={target}"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    final = load_checkpoint(run_dir)
+    assert final["step"] == target
+    adam_steps = final["optimizers"]["main"]["state"][0]["step"]
+    assert adam_steps == target  # the optimizer went on from the checkpoint's state, not from zero
+    assert final["schedulers"]["main"]["last_epoch"] == target
+
+
+def test_pretrain_eval_and_export_write_only_under_their_output_folders(shards, tmp_path, monkeypatch):
+    """Nothing lands in the working directory, the home folder or beside the data: only in the run
+    directory and the folders named on the command line."""
+    from pipeline.cli import main
+
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    data_before = sorted(p.name for p in shards.rglob("*"))
+    run_dir, export_dir = tmp_path / "run", tmp_path / "export"
+    assert main(["pretrain", "--local", f"--run_dir={run_dir}", f"--data.root={shards}", "--model.backbone_kwargs={channels: [8, 16, 32, 64]}",
+                 "--train.steps=4", "--train.checkpoint_every=4", "--train.global_batch_size=16", "--scaling.num_workers=1"]) == 0
+    assert main(["eval", str(run_dir)]) == 0
+    assert main(["export", str(run_dir), "--out", str(export_dir)]) == 0
+    assert sorted(p.name for p in shards.rglob("*")) == data_before
+    assert list(work.rglob("*")) == []
+    # Only matplotlib's per-user font cache (built once, not an output of ours) may appear in HOME.
+    assert [p for p in home.rglob("*") if p.is_file() and ".cache/matplotlib" not in str(p)] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "home", "run", "work"]
+    assert (run_dir / "eval" / "results.json").is_file() and (export_dir / "backbone.safetensors").is_file()
