@@ -66,15 +66,18 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return load_checkpoint(resume_from) if resume_from else None
+        run_checkpoints = Path(checkpoint.path).parent
+        if run_checkpoints.is_dir():
+            # Storage this node can read (local or shared): every checkpoint of this launch is there.
+            # Use the newest readable one, not only the one Ray registered: its controller registers
+            # reports when it polls, so after a crash a newer complete checkpoint can be on disk
+            # already, and a corrupted newest one falls back to the previous.
+            return load_checkpoint(run_checkpoints)
         with checkpoint.as_directory() as directory:
             try:
                 return load_checkpoint(directory)
             except CheckpointError as err:
-                # Ray keeps this run's earlier checkpoints beside the latest: use the newest readable one.
-                fallback = Path(checkpoint.path).parent
-                if not fallback.is_dir():
-                    raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
-                return load_checkpoint(fallback)
+                raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
 
     def report(self, metrics: dict, state: dict | None) -> None:
         import ray.train

@@ -70,8 +70,10 @@ def test_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoin
     before, after = restarts[0]
     resumed_from = after - cfg.train.log_every
     assert resumed_from % checkpoint_every == 0 and resumed_from >= checkpoint_every
-    assert killed_after - checkpoint_every - cfg.train.log_every <= resumed_from <= killed_after
-    assert before - resumed_from <= checkpoint_every + cfg.train.log_every  # steps redone after the crash
+    # The newest checkpoint written before the kill (even one Ray's controller had not registered yet).
+    assert killed_after - checkpoint_every < resumed_from <= killed_after
+    assert before - resumed_from <= checkpoint_every  # steps redone after the crash
+    print(f"killed after step {killed_after}; resumed from step {resumed_from}; {before - resumed_from} logged steps redone")
 
 
 def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_continues_with_optimizer_state(shards, tmp_path):
