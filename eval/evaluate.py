@@ -123,8 +123,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
                                                     cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"])
         log.info("test log-likelihood: %s", results["generative"])
     if task is not None and hasattr(task, "sample"):
-        mean, std = task.pixel_stats()
-        grid = save_grid(generate(task.to(device), 64) * std + mean, out / "samples.png", nrow=8)
+        grid = save_grid(task.to_unit_range(generate(task.to(device), 64)), out / "samples.png", nrow=8)
         results["samples"] = str(grid)
         results["seconds"] = round(time.perf_counter() - start, 1)
     write_results(results, out)

@@ -102,6 +102,11 @@ class PretextTask(nn.Module):
         std = torch.tensor(self.data_std, device=device).view(-1, 1, 1)
         return mean, std
 
+    def to_unit_range(self, images: Tensor) -> Tensor:
+        """Normalized images back to pixel values in [0, 1], for pictures."""
+        mean, std = self.pixel_stats(images.device)
+        return (images.float() * std + mean).clamp(0, 1)
+
 
 class ImageOnly:
     """Per-sample transform of the generative objectives: the decoded image itself, no target."""

@@ -111,9 +111,7 @@ class BiGAN(GAN):
         self.eval()
         try:
             images = inputs[:32]
-            mean, std = self.pixel_stats(images.device)
-            originals = (images.float() * std + mean).clamp(0, 1)
-            pairs = interleave_rows(originals, (self.generator(self.encode(images)) + 1) / 2)
+            pairs = interleave_rows(self.to_unit_range(images), (self.generator(self.encode(images)) + 1) / 2)
         finally:
             self.train(was_training)
         return paths + [save_grid(pairs, directory / f"step_{step:08d}_reconstructions.png", nrow=8)]

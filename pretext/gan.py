@@ -112,7 +112,10 @@ class GAN(PretextTask):
         loss = discriminator_loss(real_scores, fake_scores, self.loss_kind)
         logs = {"d_real": real_scores.float().mean().detach(), "d_fake": fake_scores.float().mean().detach()}
         if self.loss_kind == "wgan_gp":
-            penalty = gradient_penalty(self._critic_ddp, real, fake)
+            # Through the unwrapped critic: DDP supports only .backward(), not torch.autograd.grad
+            # inside its forward. The penalty's parameter gradients still accumulate into .grad in
+            # the one backward pass, where the wrapper's hooks all-reduce them with the rest.
+            penalty = gradient_penalty(self.critic, real, fake)
             loss = loss + self.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
         return loss, logs

@@ -84,5 +84,4 @@ class PixelCNN(PretextTask):
         if self.samples_in_figures <= 0:
             return []
         samples = self.sample(self.samples_in_figures, torch.Generator().manual_seed(step))
-        mean, std = self.pixel_stats(samples.device)
-        return [save_grid(samples * std + mean, directory / f"step_{step:08d}_samples.png", nrow=8)]
+        return [save_grid(self.to_unit_range(samples), directory / f"step_{step:08d}_samples.png", nrow=8)]

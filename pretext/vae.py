@@ -150,13 +150,9 @@ class VAE(PretextTask):
         self.eval()
         try:
             images = inputs[:32]
-            mean, std = self.pixel_stats(images.device)
-            originals = (images.float() * std + mean).clamp(0, 1)
             mu, _ = self.encode(images)
-            recon = self.mean_image(self.decoder(mu))
-            pairs = interleave_rows(originals, recon)
-            generator = torch.Generator().manual_seed(step)
-            samples = self.sample(64, generator) * std + mean
+            pairs = interleave_rows(self.to_unit_range(images), self.mean_image(self.decoder(mu)))
+            samples = self.to_unit_range(self.sample(64, torch.Generator().manual_seed(step)))
             half = len(mu) // 2
             rows = min(8, half)
             path = lerp(mu[:rows], mu[half : half + rows], 10).flatten(0, 1)
