@@ -139,7 +139,7 @@ def table(report: dict) -> str:
             lines.append(f"| {entry['task']} | - | - | - | refused: {reason} | | | |")
             continue
         generative = entry.get("generative")
-        bits = f"{generative['bits_per_dim']:.3f}" + (" (ELBO)" if generative["kind"] == "elbo" else "") if generative else ""
+        bits = f"{generative['bits_per_dim']:.3f}" + {"elbo": " (ELBO)", "exact": "", "elbo_binarized": " (ELBO, binarized)"}[generative["kind"]] if generative else ""
         lines.append(f"| {entry['task']} | {entry['image_size']} | {entry['steps']} ({entry['epochs']:.1f}) | {entry['pretrain_s']:.0f} | "
                      f"{scores(entry['rows']['pretrained'])} | {bits} |")
         if entry.get("own_random_init"):

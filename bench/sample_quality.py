@@ -55,22 +55,23 @@ def sample_quality(report: dict, data_root: str, out: Path, count: int) -> dict:
         log.warning("no exemplar run in this benchmark: sample quality is measured in pixel space only")
     test = real_images(data_root, "test")
     train = real_images(data_root, "train", count)
-    test_features = {space: embed(model, test) for space, model in spaces.items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    test_features = {space: embed(model, test, device=device) for space, model in spaces.items()}
     result: dict = {"feature_spaces": list(spaces), "test_images": len(test), "models": {}, "floor": {}}
     for n in sorted({count, *[SAMPLE_COUNTS.get(name, count) for name in entries]}):
-        result["floor"][str(n)] = {space: round(frechet_distance(embed(model, train[:n]), test_features[space]), 3)
+        result["floor"][str(n)] = {space: round(frechet_distance(embed(model, train[:n], device=device), test_features[space]), 3)
                                    for space, model in spaces.items()}
     for name, entry in entries.items():
         n = SAMPLE_COUNTS.get(name, count)
         cfg, backbone, state = load_pretrained(entry["run_dir"])
         _, task = scored_model(cfg, backbone, state)
         start = time.perf_counter()
-        samples = generate(task, n, batch_size=min(n, 500))
+        samples = generate(task.to(device), n, batch_size=min(n, 500))
         seconds = time.perf_counter() - start
         result["models"][name] = {
             "samples": n,
             "sampling_s": round(seconds, 1),
-            **{space: round(frechet_distance(embed(model, samples), test_features[space]), 3) for space, model in spaces.items()},
+            **{space: round(frechet_distance(embed(model, samples, device=device), test_features[space]), 3) for space, model in spaces.items()},
         }
         log.info("%s: %s", name, result["models"][name])
     plot(result, entries, out / "sample_quality.png")

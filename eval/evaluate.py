@@ -120,7 +120,8 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
     if task is not None and task.likelihood_kind is not None:
         results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),
-                                                    cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"])
+                                                    cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"],
+                                                    BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
         log.info("test log-likelihood: %s", results["generative"])
     if task is not None and hasattr(task, "sample"):
         grid = save_grid(task.to_unit_range(generate(task.to(device), 64)), out / "samples.png", nrow=8)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.data import ImageDecoder, eval_loader
+from pipeline.data import BadSamples, ImageDecoder, eval_loader
 from pretext import TASKS, PretextTask
 
 
@@ -38,10 +38,10 @@ def load_task(state: dict, cfg) -> PretextTask:
 
 @torch.no_grad()
 def test_log_likelihood(task: PretextTask, urls: list[str], decoder: ImageDecoder, batch_size: int, device: str,
-                        total: int | None = None) -> dict:
+                        total: int | None = None, bad_samples: BadSamples | None = None) -> dict:
     """Mean log p(x) (or its ELBO) over every image of a split, in nats per image and bits/dim."""
     task.eval().to(device)
-    loader = eval_loader(urls, 0, 1, decoder, batch_size, loader_workers=1)
+    loader = eval_loader(urls, 0, 1, decoder, batch_size, loader_workers=1, bad_samples=bad_samples)
     total_ll, count, dims = 0.0, 0, None
     with tqdm(total=total, desc="test log-likelihood", unit="img", mininterval=2.0) as progress:
         for images, _, keys in loader:
@@ -53,7 +53,8 @@ def test_log_likelihood(task: PretextTask, urls: list[str], decoder: ImageDecode
     if count == 0:
         raise ValueError("the test split holds no images")
     mean = total_ll / count
-    return {"kind": task.likelihood_kind, "nats_per_image": round(mean, 2), "bits_per_dim": round(-mean / (dims * math.log(2)), 4),
+    skipped = loader.bad_samples.counts()["bad_samples"]
+    return {"skipped_bad_samples": skipped, "kind": task.likelihood_kind, "nats_per_image": round(mean, 2), "bits_per_dim": round(-mean / (dims * math.log(2)), 4),
             "images": count}
 
 

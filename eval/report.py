@@ -30,7 +30,8 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     text = title + markdown_table(results) + "\n"
     if "generative" in results:
         gen = results["generative"]
-        bound = "ELBO (a lower bound of log p(x))" if gen["kind"] == "elbo" else "exact log p(x)"
+        bound = {"elbo": "ELBO (a lower bound of log p(x) of the 8-bit images)", "exact": "exact log p(x) of the 8-bit images",
+                 "elbo_binarized": "ELBO of dynamically binarized images (bits per binary pixel; not comparable with 8-bit bits/dim)"}[gen["kind"]]
         text += (f"\nTest {bound}: {gen['nats_per_image']:.1f} nats per image, {gen['bits_per_dim']:.3f} bits/dim "
                  f"over {gen['images']} images.\n")
     if "samples" in results:

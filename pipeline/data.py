@@ -44,6 +44,7 @@ class BadSamples:
 
     def __init__(self, strict: bool = False, max_fraction: float = 0.01, min_seen: int = 100):
         self.strict, self.max_fraction, self.min_seen = strict, max_fraction, min_seen
+        self.max_unreadable_shards = 20
         # Shared memory: DataLoader workers inherit these, so the counts cover every worker.
         self.seen = multiprocessing.Value("q", 0)
         self.bad = multiprocessing.Value("q", 0)
@@ -74,8 +75,13 @@ class BadSamples:
             raise_with_shard(exn)
         with self.bad_shards.get_lock():
             self.bad_shards.value += 1
+            bad_shards = self.bad_shards.value
         url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), "?")
-        log.warning("shard %s: %s; skipping the rest of this shard", url, exn.args[0] if exn.args else repr(exn))
+        message = exn.args[0] if exn.args else repr(exn)
+        if self.seen.value == 0 and bad_shards >= self.max_unreadable_shards:
+            # The training stream repeats its shards forever: without this it would wait forever.
+            raise ShardError(f"{bad_shards} shard reads failed and not one sample was read (last: shard {url}: {message})")
+        log.warning("shard %s: %s; skipping the rest of this shard", url, message)
         return True  # go on with the next shard
 
     def decode(self, decoder: "ImageDecoder") -> "GuardedDecoder":

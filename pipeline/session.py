@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, write_checkpoint, write_local_checkpoint
+from pipeline.checkpoint import (CheckpointError, checkpoint_files, checkpoint_step, load_checkpoint, read_checkpoint,
+                                 write_checkpoint, write_local_checkpoint)
 
 
 class LocalSession:
@@ -72,12 +73,27 @@ class RaySession:
             # Use the newest readable one, not only the one Ray registered: its controller registers
             # reports when it polls, so after a crash a newer complete checkpoint can be on disk
             # already, and a corrupted newest one falls back to the previous.
-            return load_checkpoint(run_checkpoints)
+            return self.agree_on_step(run_checkpoints, load_checkpoint(run_checkpoints))
         with checkpoint.as_directory() as directory:
             try:
                 return load_checkpoint(directory)
             except CheckpointError as err:
                 raise CheckpointError(f"{err} (Ray checkpoint {checkpoint.path})") from err
+
+    def agree_on_step(self, directory: Path, state: dict) -> dict:
+        """Every rank must start at the same step (or the collectives hang): when one rank could
+        not read the newest checkpoint (a file still arriving on shared storage), all take the
+        oldest step any rank chose."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return state
+        step = torch.tensor([state["step"]], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        if int(step) == state["step"]:
+            return state
+        for file in checkpoint_files(directory):
+            if checkpoint_step(file.parent) == int(step):
+                return read_checkpoint(file)
+        raise CheckpointError(f"rank {self.rank}: no checkpoint of step {int(step)} under {directory}, which another rank resumes from")
 
     def report(self, metrics: dict, state: dict | None) -> None:
         import ray.train

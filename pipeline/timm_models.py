@@ -172,11 +172,21 @@ class PixelCNNNet(nn.Module):
 
 
 def _create(cls, pretrained: bool, kwargs: dict) -> nn.Module:
-    if pretrained:
-        raise ValueError(f"{cls.__name__} has no pretrained weights (sslpipe never downloads weights)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    """timm's entry point. `pretrained=True` loads only a local file given as
+    `pretrained_cfg_overlay=dict(file=...)` (what `sslpipe export` writes and documents in
+    backbone.json); these models have no published weights and nothing is ever downloaded."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    if pretrained:
+        if not overlay.get("file"):
+            raise ValueError(f"{cls.__name__} has no published weights: pass pretrained_cfg_overlay=dict(file=PATH) "
+                             "with a file written by `sslpipe export`")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(overlay["file"]), strict=True)
+    return model
 
 
 @register_model

@@ -128,8 +128,13 @@ class GAN(PretextTask):
 
     def train_step(self, batch, optimizers: dict, scaler: torch.amp.GradScaler, autocast) -> dict[str, Tensor]:
         real, _ = batch
+        if len(real) < 2 * self.discriminator_steps:
+            raise ValueError(f"a worker's batch of {len(real)} images cannot feed discriminator_steps={self.discriminator_steps} "
+                             f"slices of at least 2 (batch norm): raise train.global_batch_size or lower discriminator_steps")
         opt_d, opt_g = optimizers["discriminator"], optimizers["generator"]
-        for chunk in real.chunk(self.discriminator_steps):
+        # One slice per discriminator step (tensor_split always gives exactly that many, sizes within 1);
+        # scaler.update() follows every step: one optimizer may not step twice between updates.
+        for chunk in real.tensor_split(self.discriminator_steps):
             opt_d.zero_grad(set_to_none=True)
             with autocast():
                 d_loss, logs = self.discriminator_loss(chunk, self.noise(len(chunk), real.device))
@@ -140,7 +145,7 @@ class GAN(PretextTask):
         try:
             opt_g.zero_grad(set_to_none=True)
             with autocast():
-                g_loss = self.generator_loss(self.noise(len(chunk), real.device), chunk)
+                g_loss = self.generator_loss(self.noise(len(chunk), real.device), chunk)  # the last slice
             scaler.scale(g_loss).backward()
             scaler.step(opt_g)
             scaler.update()

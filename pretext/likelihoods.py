@@ -46,7 +46,7 @@ def discretized_gaussian_log_likelihood(pixels: Tensor, mean: Tensor, log_scale:
     right = lower > 0
     a = torch.where(right, log_sf_lower, log_cdf_upper)
     b = torch.where(right, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower))
-    log_mass = a + torch.log1p(-torch.exp((b - a).clamp(max=-1e-12)))
+    log_mass = a + torch.log(-torch.expm1((b - a).clamp(max=-1e-12)))
     log_prob = torch.where(pixels == 0, log_cdf_upper, torch.where(pixels == 255, log_sf_lower, log_mass))
     return log_prob.flatten(1).sum(1)
 

@@ -70,6 +70,8 @@ class VAE(PretextTask):
         if latent_dim < 1 or beta < 0:
             raise ValueError(f"latent_dim={latent_dim} must be >= 1 and beta={beta} >= 0")
         self.latent_dim, self.likelihood, self.beta, self.representation = latent_dim, likelihood, beta, representation
+        if likelihood == "bernoulli":  # a bound on binarized images: not comparable with 8-bit bits/dim
+            self.likelihood_kind = "elbo_binarized"
         self.to_latent = nn.Linear(self.embed_dim, 2 * latent_dim)  # mu and log sigma^2
         self.scale = scale
         decoded_scale = likelihood == "gaussian" and scale == "pixel"

@@ -213,3 +213,13 @@ def test_eval_strict_flag_raises_on_a_bad_sample_the_default_skips(shards, tmp_p
     assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval")]) == 0
     assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval-strict"), "--strict"]) == 2
     assert "test-000000.tar, key test_00000" in capsys.readouterr().err
+
+
+def test_training_stream_with_no_readable_shard_fails_instead_of_waiting_forever(tmp_path):
+    urls = []
+    for i in range(2):
+        (tmp_path / f"empty{i}.tar").write_bytes(b"")
+        urls.append(str(tmp_path / f"empty{i}.tar"))
+    loader = train_loader(urls, 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 8, loader_workers=0, seed=0)
+    with pytest.raises(ShardError, match=r"20 shard reads failed and not one sample was read .*empty"):
+        next(iter(loader))

@@ -413,3 +413,23 @@ def test_interleave_rows_puts_each_reconstruction_row_under_its_originals():
     grid = interleave_rows(originals, recon).flatten().tolist()
     assert grid == [*range(8), *[-i for i in range(8)], *range(8, 16), *[-i for i in range(8, 16)]]
     assert interleave_rows(originals[:3], recon[:3]).flatten().tolist() == [0, 1, 2, 0, -1, -2]
+
+
+def test_exported_dcgan_discriminator_loads_back_through_timm_with_the_usage_file(shards, tmp_path):
+    """`sslpipe export` writes backbone.json; timm.create_model with those arguments must load the
+    weights for sslpipe's own registered networks too (they have no published weights)."""
+    import json
+
+    import timm
+
+    from eval.export import export_backbone
+
+    cfg = gan_config(shards, tmp_path / "run", steps=2)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    export_backbone(cfg.run_dir, tmp_path / "export")
+    usage = json.loads((tmp_path / "export" / "backbone.json").read_text())
+    model = timm.create_model(usage["model_name"], **usage["create_model_kwargs"], pretrained_cfg_overlay=usage["pretrained_cfg_overlay"])
+    state = load_checkpoint(cfg.run_dir)["task"]
+    assert torch.equal(model.stages[0][0].weight, state["encoder.stages.0.0.weight"])
+    with pytest.raises(ValueError, match="no published weights"):
+        timm.create_model("dcgan_discriminator", pretrained=True)
