@@ -99,7 +99,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         features = {
             split: extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
                                     desc=f"{name} {split}", total=manifest["splits"][split]["count"],
-                                    bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
+                                    bad_samples=BadSamples.for_config(cfg.data))
             for split, urls in splits.items()
         }
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
@@ -121,7 +121,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     if task is not None and task.likelihood_kind is not None:
         results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),
                                                     cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"],
-                                                    BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
+                                                    BadSamples.for_config(cfg.data))
         log.info("test log-likelihood: %s", results["generative"])
     if task is not None and hasattr(task, "sample"):
         grid = save_grid(task.to_unit_range(generate(task.to(device), 64)), out / "samples.png", nrow=8)

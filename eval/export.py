@@ -65,7 +65,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
         urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
         features = extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
                                     desc=f"export {split}", total=manifest["splits"][split]["count"],
-                                    bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction))
+                                    bad_samples=BadSamples.for_config(cfg.data))
         np.save(out_dir / f"{split}_features.npy", features.features.numpy())
         np.save(out_dir / f"{split}_labels.npy", features.labels.numpy())
         (out_dir / f"{split}_keys.txt").write_text("\n".join(features.keys) + "\n")

@@ -50,6 +50,11 @@ class BadSamples:
         self.bad = multiprocessing.Value("q", 0)
         self.bad_shards = multiprocessing.Value("q", 0)
 
+    @classmethod
+    def for_config(cls, data_cfg) -> "BadSamples":
+        """The policy a run's `data` section sets (strict, max_bad_fraction)."""
+        return cls(data_cfg.strict, data_cfg.max_bad_fraction)
+
     def counts(self) -> dict[str, int]:
         return {"seen": self.seen.value, "bad_samples": self.bad.value, "bad_shards": self.bad_shards.value}
 

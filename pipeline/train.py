@@ -107,7 +107,7 @@ def train_worker(cfg: Config, session) -> dict:
     loader = train_loader(
         urls, session.rank, session.world_size, decoder, task.sample_transform(), batch_size,
         cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
-        bad_samples=BadSamples(cfg.data.strict, cfg.data.max_bad_fraction),
+        bad_samples=BadSamples.for_config(cfg.data),
     )
     metrics_log = MetricsLog(run_dir) if session.rank == 0 else None
     batches = iter(loader)

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.timm_models import DCGANDiscriminator
-from pretext.base import build_optimizer
 from pretext.gan import GAN
 from pretext.grids import interleave_rows, save_grid
 from pretext.losses import discriminator_loss
@@ -69,18 +68,7 @@ class BiGAN(GAN):
         depth = sum(isinstance(m, nn.ConvTranspose2d) for m in self.generator.modules())
         image_net = DCGANDiscriminator(self.in_chans, width=self.generator_width, depth=depth)
         self.discriminator = JointCritic(image_net, self.in_chans, self.image_size, self.latent_dim)
-        object.__setattr__(self, "critic", self.discriminator)
-        object.__setattr__(self, "_critic_ddp", self.discriminator)
-        object.__setattr__(self, "_opponents", GeneratorEncoder(self.generator, self.encoder, self.to_latent))
-        object.__setattr__(self, "_opponents_ddp", self._opponents)
-
-    def prepare_distributed(self, wrap) -> None:
-        object.__setattr__(self, "_critic_ddp", wrap(self.discriminator))
-        object.__setattr__(self, "_opponents_ddp", wrap(self._opponents))
-
-    def make_optimizers(self, cfg, lr: float) -> dict[str, torch.optim.Optimizer]:
-        return {"discriminator": build_optimizer(self.discriminator.parameters(), cfg, lr),
-                "generator": build_optimizer(self._opponents.parameters(), cfg, lr)}
+        self.set_players(self.discriminator, GeneratorEncoder(self.generator, self.encoder, self.to_latent))
 
     def encode(self, images: Tensor) -> Tensor:
         return self.to_latent(self.encoder(images))
@@ -97,7 +85,7 @@ class BiGAN(GAN):
     def generator_loss(self, z: Tensor, real: Tensor | None = None) -> Tensor:
         """Generator and encoder together, the discriminator frozen: non_saturating swaps the
         labels (fakes called real, reals called fake); minimax is the negated discriminator loss."""
-        fake, codes = self._opponents_ddp(z, real)
+        fake, codes = self._opponent_ddp(z, real)
         real_scores, fake_scores = self.critic(real, codes), self.critic(self.to_data_space(fake), z)
         if self.loss_kind == "non_saturating":
             return discriminator_loss(fake_scores, real_scores, "non_saturating")

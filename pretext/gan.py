@@ -79,11 +79,15 @@ class GAN(PretextTask):
             last = feature_maps(self.encoder.eval(), torch.zeros(2, self.in_chans, self.image_size, self.image_size))[-1]
         self.encoder.train(was_training)
         self.critic_head = nn.Linear(last[0].numel(), 1)
-        # Not registered as children (the encoder, head and generator already are): the modules the
-        # steps call, replaced by their DDP wrappers in prepare_distributed.
-        object.__setattr__(self, "critic", Critic(self.encoder, self.critic_head))
-        object.__setattr__(self, "_critic_ddp", self.critic)
-        object.__setattr__(self, "_generator_ddp", self.generator)
+        self.set_players(Critic(self.encoder, self.critic_head), self.generator)
+
+    def set_players(self, critic: nn.Module, opponent: nn.Module) -> None:
+        """The two sides, each one module with its own optimizer and DDP wrapper: the critic, and
+        what it is played against (the generator; BiGAN: generator and encoder). Not registered as
+        children (their parts already are); the steps call `_critic_ddp`/`_opponent_ddp`, which
+        prepare_distributed replaces by the DDP wrappers."""
+        for name, module in (("critic", critic), ("_critic_ddp", critic), ("opponent", opponent), ("_opponent_ddp", opponent)):
+            object.__setattr__(self, name, module)
 
     def sample_transform(self) -> ImageOnly:
         return ImageOnly()
@@ -91,11 +95,11 @@ class GAN(PretextTask):
     def prepare_distributed(self, wrap) -> None:
         # Two models, two wrappers: each all-reduces its own gradients in its own backward pass.
         object.__setattr__(self, "_critic_ddp", wrap(self.critic))
-        object.__setattr__(self, "_generator_ddp", wrap(self.generator))
+        object.__setattr__(self, "_opponent_ddp", wrap(self.opponent))
 
     def make_optimizers(self, cfg, lr: float) -> dict[str, torch.optim.Optimizer]:
         return {"discriminator": build_optimizer(self.critic.parameters(), cfg, lr),
-                "generator": build_optimizer(self.generator.parameters(), cfg, lr)}
+                "generator": build_optimizer(self.opponent.parameters(), cfg, lr)}
 
     def to_data_space(self, tanh_images: Tensor) -> Tensor:
         """Generator output in [-1, 1] to the normalized space real images arrive in (and eval feeds the backbone)."""
@@ -124,7 +128,7 @@ class GAN(PretextTask):
         """The generator's loss on D(G(z)), the discriminator held fixed (its gradients are not
         needed: the caller freezes its parameters, and the unwrapped critic is used so its DDP
         wrapper does not expect a reduction)."""
-        return generator_loss(self.critic(self.to_data_space(self._generator_ddp(z))), self.loss_kind)
+        return generator_loss(self.critic(self.to_data_space(self._opponent_ddp(z))), self.loss_kind)
 
     def train_step(self, batch, optimizers: dict, scaler: torch.amp.GradScaler, autocast) -> dict[str, Tensor]:
         real, _ = batch
