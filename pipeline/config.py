@@ -64,6 +64,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     figures_every: int = 0  # sample grids of generative tasks (PNG in <run_dir>/samples); 0: at every checkpoint
     amp: bool = True  # autocast + GradScaler, on CUDA only
+    channels_last: bool = True  # NHWC weights and batches, on CUDA only (tensor cores want it; CPU convs do not)
+    compile: bool = False  # torch.compile the backbone (in place: checkpoint keys stay the same)
     seed: int = 0
     resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
 

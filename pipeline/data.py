@@ -19,10 +19,12 @@ import torch
 import torch.utils.data
 import webdataset as wds
 from PIL import Image
+from torchvision.io import decode_png
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
 LABEL_EXTS = ("cls", "label")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 log = logging.getLogger("sslpipe.data")
@@ -176,7 +178,7 @@ def raise_with_shard(exn: Exception) -> bool:
 class ImageDecoder:
     """Decodes a raw sample into {"image": float (C, H, W) normalized, "label": int (-1: none), "key"}.
 
-    Only image bytes (through PIL) and integer labels are read; a sample holding pickled data is
+    Only image bytes (through libpng or PIL) and integer labels are read; a sample holding pickled data is
     rejected, never unpickled.
     """
 
@@ -185,6 +187,9 @@ class ImageDecoder:
         self.mode, self.image_size, self.require_label, self.num_classes = mode, image_size, require_label, num_classes
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        # uint8 -> normalized float in one fused op: (x / 255 - mean) / std = x * scale + shift.
+        self.scale, self.shift = 1.0 / (255.0 * self.std), -self.mean / self.std
+        self.png_colour_type = {"L": 0, "RGB": 2}.get(mode)
 
     def __call__(self, sample: dict) -> dict:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
@@ -195,17 +200,14 @@ class ImageDecoder:
         if image_ext is None:
             raise ShardError(f"shard {url}, key {key}: no image (expected one of {list(IMAGE_EXTS)}, found {sorted(k for k in sample if not k.startswith('__'))})")
         try:
-            if not sample[image_ext]:
+            data = sample[image_ext]
+            if not data:
                 raise ValueError("zero bytes")
-            with Image.open(io.BytesIO(sample[image_ext])) as img:
-                img = convert_image(img, self.mode)
-                if self.image_size and img.size != (self.image_size, self.image_size):
-                    img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-                pixels = np.asarray(img, dtype=np.uint8)
+            pixels = self.decode_plain_png(data) if image_ext == "png" else None
+            if pixels is None:
+                pixels = self.decode_pil(data)
         except Exception as err:
             raise ShardError(f"shard {url}, key {key}: {image_ext} image does not decode ({err})") from err
-        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # (C, H, W)
         label_ext = next((ext for ext in LABEL_EXTS if ext in sample), None)
         if label_ext is None:
             if self.require_label:
@@ -218,7 +220,29 @@ class ImageDecoder:
                 raise ShardError(f"shard {url}, key {key}: label {sample[label_ext][:20]!r} is not an integer") from err
             if self.num_classes and not 0 <= label < self.num_classes:
                 raise ShardError(f"shard {url}, key {key}: label {label} is outside the {self.num_classes} classes of the manifest (0..{self.num_classes - 1})")
-        return {"image": (image - self.mean) / self.std, "label": label, "key": key}
+        return {"image": torch.addcmul(self.shift, pixels.float(), self.scale), "label": label, "key": key}
+
+    def decode_plain_png(self, data: bytes) -> torch.Tensor | None:
+        """(C, H, W) uint8 through libpng (torchvision) for the common case, an 8-bit PNG already in
+        the target mode and size: 2.2x faster than PIL on 28 px images (bench/loader_speed.py), and
+        per-sample decode is most of a light task's loader time. None: take the general PIL path."""
+        if (self.png_colour_type is None or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR"
+                or data[24] != 8 or data[25] != self.png_colour_type):
+            return None
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if self.image_size and (width, height) != (self.image_size, self.image_size):
+            return None
+        return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def decode_pil(self, data: bytes) -> torch.Tensor:
+        """(C, H, W) uint8 from any image PIL reads, converted to the mode and resized."""
+        with Image.open(io.BytesIO(data)) as img:
+            img = convert_image(img, self.mode)
+            if self.image_size and img.size != (self.image_size, self.image_size):
+                img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+            pixels = np.array(img, dtype=np.uint8)
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def convert_image(img: Image.Image, mode: str) -> Image.Image:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 
@@ -27,6 +28,24 @@ class MetricsLog:
             csv.writer(f).writerow([metrics.get(c, "") for c in self.columns])
 
 
+def memory_mb() -> dict[str, float]:
+    """Resident memory (MiB) of this process ("rss_mb") and of its child processes, the loader
+    workers that hold the shuffle buffer ("loader_rss_mb"): logged so leaks show over epochs."""
+    try:
+        import psutil
+    except ImportError:  # e.g. a bare GPU box: this process only, from /proc
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, "loader_rss_mb": 0.0}
+    process = psutil.Process()
+    children = 0
+    for child in process.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.Error:  # exited meanwhile
+            pass
+    return {"rss_mb": process.memory_info().rss / 2**20, "loader_rss_mb": children / 2**20}
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -42,7 +61,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in metrics[0] if k not in ("step", "epoch")]
+    names = [k for k in metrics[0] if k not in ("step", "epoch", "time")]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     steps = [m["step"] for m in metrics]
     for ax, name in zip(axes[0], names):

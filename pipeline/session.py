@@ -42,6 +42,9 @@ class LocalSession:
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
+    def all_reduce_max(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
 
 class RaySession:
     """A Ray Train worker. Every rank calls `report` at the same steps (unequal calls hang Ray)."""
@@ -108,7 +111,15 @@ class RaySession:
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not torch.distributed.is_initialized():
             return values
+        return {n: v / self.world_size for n, v in self.all_reduce(values, torch.distributed.ReduceOp.SUM).items()}
+
+    def all_reduce_max(self, values: dict[str, float]) -> dict[str, float]:
+        return self.all_reduce(values, torch.distributed.ReduceOp.MAX)
+
+    def all_reduce(self, values: dict[str, float], op) -> dict[str, float]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return values
         names = sorted(values)
         tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return {n: float(v) / self.world_size for n, v in zip(names, tensor.tolist())}
+        torch.distributed.all_reduce(tensor, op=op)
+        return {n: float(v) for n, v in zip(names, tensor.tolist())}

@@ -48,6 +48,9 @@ class ChannelStats:
         return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 
+SHARD_MTIME = 1_700_000_000  # 2023-11-14, any fixed integer will do
+
+
 def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -95,7 +98,10 @@ def write_split(
             if writer is not None:
                 close()
             partial = out_dir / f"{split}-{len(shards):06d}.tar.partial"
-            writer, count = wds.TarWriter(str(partial)), 0
+            # An integer mtime: WebDataset's default (time.time(), a float) makes tarfile add a PAX
+            # header to every member, which doubled shard size and halved read speed (bench/loader_speed.py).
+            # A fixed one also makes shards byte-for-byte reproducible (same sha256 on every rewrite).
+            writer, count = wds.TarWriter(str(partial), mtime=SHARD_MTIME), 0
         try:
             with Image.open(io.BytesIO(sample.image)) as img:
                 pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
