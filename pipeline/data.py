@@ -297,10 +297,11 @@ def train_loader(
     bad_samples: BadSamples | None = None,
 ) -> wds.WebLoader:
     """An endless stream of collated `(inputs, target)` batches of `batch_size` for this rank;
-    `loader.bad_samples` holds the bad-input policy and its counts."""
+    `loader.bad_samples` holds the bad-input policy and its counts, `loader.rank_shards` its shards."""
     policy = bad_samples or BadSamples()
+    shards = TrainShards(urls, rank, world_size, seed)
     pipeline = wds.DataPipeline(
-        TrainShards(urls, rank, world_size, seed),
+        shards,
         wds.tarfile_to_samples(handler=policy.shard_failed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank),
         wds.map(policy.decode(decoder)),
@@ -309,7 +310,7 @@ def train_loader(
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = make_loader(pipeline, loader_workers, pin_memory)
-    loader.bad_samples = policy
+    loader.bad_samples, loader.rank_shards = policy, shards.rank_urls
     return loader
 
 

@@ -20,6 +20,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    node = "local"
 
     def __init__(self, run_dir: Path, device: torch.device | str | None = None, keep: int = 2):
         self.run_dir = Path(run_dir)
@@ -50,6 +51,7 @@ class RaySession:
     """A Ray Train worker. Every rank calls `report` at the same steps (unequal calls hang Ray)."""
 
     def __init__(self):
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -57,6 +59,7 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()  # the raylet this worker runs under
 
     def wrap(self, module: nn.Module) -> nn.Module:
         import ray.train.torch

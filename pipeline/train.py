@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -45,6 +48,17 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
     if isinstance(batch, dict):
         return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
+
+
+def write_worker_record(run_dir: Path, session, shards: list[str]) -> Path:
+    """<run_dir>/workers/rank_N.json: where this rank runs and which shards it streams, so a
+    multi-node run can be checked (placement, no shard read by two ranks) after the fact."""
+    record = {"rank": session.rank, "world_size": session.world_size, "node": session.node, "host": socket.gethostname(),
+              "pid": os.getpid(), "device": str(session.device), "shards": shards}
+    path = run_dir / "workers" / f"rank_{session.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return path
 
 
 def autocast_factory(device: torch.device, enabled: bool):
@@ -118,6 +132,7 @@ def train_worker(cfg: Config, session) -> dict:
         cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
         bad_samples=BadSamples.for_config(cfg.data),
     )
+    write_worker_record(run_dir, session, loader.rank_shards)
     metrics_log = MetricsLog(run_dir) if session.rank == 0 else None
     batches = iter(loader)
     task.train()
