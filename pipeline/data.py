@@ -4,6 +4,8 @@ Training streams each rank's own shards forever, reshuffled every pass; evaluati
 sample exactly once (no resampling, disjoint shards per rank and loader worker, a partial last batch).
 Samples are decoded by `ImageDecoder`, which accepts image files and integer labels only, so
 nothing in a shard can run code (WebDataset's default decoders unpickle `.pyd` entries).
+Shards are local files (or `pipe:` commands, when allowed) or URLs that fsspec reads: http(s)://,
+s3:// and any other installed protocol (`read_shards`).
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
+import fsspec
 import numpy as np
 import torch
 import torch.utils.data
 import webdataset as wds
 from PIL import Image
 from torchvision.io import decode_png
+
+from pipeline.storage import display_url, opens_with_fsspec, read_shards
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
 LABEL_EXTS = ("cls", "label")
@@ -116,12 +121,23 @@ def is_sample(sample) -> bool:
 
 
 def check_urls(urls: list[str], allow_shell_urls: bool = False) -> list[str]:
+    """Checks without touching the network: local shards exist, `pipe:` is allowed, and fsspec
+    knows each URL's protocol (its package, e.g. s3fs for s3://, is installed)."""
     if not urls:
         raise ShardError("the shard list is empty")
+    protocols = set()
     for url in urls:
         if url.lower().startswith("pipe:") and not allow_shell_urls:
             raise ShardError(f"shard URL {url!r} runs a shell command; pass --allow-shell-urls (data.allow_shell_urls=true) to allow it")
-        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+        if opens_with_fsspec(url):
+            protocol = url.split("://", 1)[0].lower()
+            if protocol not in protocols:
+                try:
+                    fsspec.get_filesystem_class(protocol)
+                except (ValueError, ImportError) as err:
+                    raise ShardError(f"shard {display_url(url)!r}: cannot read {protocol}:// URLs ({err})") from None
+                protocols.add(protocol)
+        elif "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
             raise ShardError(f"shard {url!r} does not exist")
     return urls
 
@@ -172,7 +188,7 @@ class TrainShards(torch.utils.data.IterableDataset):
 def raise_with_shard(exn: Exception) -> bool:
     """WebDataset error handler: re-raise naming the shard (WebDataset appends the URL to args)."""
     url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), None)
-    raise ShardError(f"shard {url or '?'}: {exn.args[0] if exn.args else exn!r}") from exn
+    raise ShardError(f"shard {url or '?'}: {exn.args[0] if exn.args else repr(exn)}") from exn
 
 
 class ImageDecoder:
@@ -302,7 +318,7 @@ def train_loader(
     shards = TrainShards(urls, rank, world_size, seed)
     pipeline = wds.DataPipeline(
         shards,
-        wds.tarfile_to_samples(handler=policy.shard_failed),
+        read_shards(handler=policy.shard_failed),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank),
         wds.map(policy.decode(decoder)),
         wds.select(is_sample),
@@ -329,7 +345,7 @@ def eval_loader(
     policy = bad_samples or BadSamples()
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
-        wds.tarfile_to_samples(handler=policy.shard_failed),
+        read_shards(handler=policy.shard_failed),
         wds.map(policy.decode(decoder)),
         wds.select(is_sample),
         wds.map(eval_item),

@@ -1,4 +1,5 @@
-"""Writing datasets as WebDataset tar shards plus a manifest (counts, classes, shards, checksums)."""
+"""Writing datasets as WebDataset tar shards plus a manifest (counts, classes, shards, checksums),
+and finding them again: a local (or NFS) folder, or a URL (http(s)://, s3://, any fsspec protocol)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from pipeline.storage import MANIFEST, describe_error, display_url, is_url, join_url, manifest_location, open_url
 from tqdm import tqdm
 
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -141,6 +143,8 @@ def write_manifest(out_dir: Path, name: str, classes: list[str], mode: str, spli
 
 
 def read_manifest(root: str | Path) -> dict:
+    if is_url(root):
+        return read_remote_manifest(str(root))
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
@@ -152,10 +156,32 @@ def read_manifest(root: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+def read_remote_manifest(root: str) -> dict:
+    url = join_url(root, MANIFEST)
+    try:
+        with open_url(url) as f:
+            text = f.read()
+        failure = None
+    except Exception as err:
+        reason = describe_error(err, url)
+        failure = (FileNotFoundError(f"no {MANIFEST} at {display_url(url)!r}: upload the whole folder `sslpipe data` wrote "
+                                     f"({MANIFEST} and the .tar shards) under {display_url(root)!r}")
+                   if reason == "not found" else OSError(f"cannot read {display_url(url)!r}: {reason}"))
+    if failure is not None:
+        raise failure  # outside the except block: the original, which may quote credentials, is not chained
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{display_url(url)}: not valid JSON ({err})") from err
+
+
 def split_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} is not in {Path(root) / MANIFEST}; available: {sorted(manifest['splits'])}")
-    return [str(Path(root) / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+        raise KeyError(f"split {split!r} is not in {manifest_location(root)}; available: {sorted(manifest['splits'])}")
+    files = [shard["file"] for shard in manifest["splits"][split]["shards"]]
+    if is_url(root):
+        return [join_url(str(root), file) for file in files]
+    return [str(Path(root) / file) for file in files]
 
 
 def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str) -> Iterator[Sample]:

@@ -1,0 +1,171 @@
+"""Where shards and manifests live: local files (or `pipe:` commands, when allowed) go through
+WebDataset's gopen; URLs (http(s)://, s3:// and every other protocol fsspec knows) through fsspec,
+with S3 credentials and endpoint from the usual environment variables, and every URL shown in logs
+and errors with its secrets masked."""
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import IO, Callable, Iterable, Iterator
+
+import fsspec
+import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+MANIFEST = "manifest.json"
+
+# Remote storage. Everything with "scheme://" is a URL (joined with "/", never through Path, which
+# would turn "s3://bucket" into "s3:/bucket"); file:// stays a local file for the shard reader.
+
+# Environment variables whose values must never reach a log line or an error message.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def join_url(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def manifest_location(root: str | Path) -> str:
+    return display_url(join_url(str(root), MANIFEST)) if is_url(root) else str(Path(root) / MANIFEST)
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for `url`. S3: the endpoint of an S3-compatible store (MinIO, Ceph, ...) from
+    AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL. botocore 1.43 reads both itself, releases before
+    mid-2023 (1.31) ignore them; passing it also gives each endpoint its own cached filesystem.
+    Credentials are left to botocore's usual chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, then profiles and instance roles), read once per process."""
+    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A binary read stream for a URL through fsspec (http(s), s3 and every protocol fsspec knows).
+    http(s) reads 5 MB blocks with range requests (fsspec's default), S3 50 MB blocks."""
+    return fsspec.open(url, "rb", **storage_options(url)).open()
+
+
+def display_url(url: str) -> str:
+    """`url` as logs and errors show it: a password in user:password@ and the query values
+    (presigned URLs carry their signature and token there) are masked."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password and not parts.query:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@") if parts.password else parts.netloc
+    query = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact(text: str, url: str) -> str:
+    """`text` with `url` shown as `display_url` and the values of SECRET_VARIABLES masked, as well
+    as the URL's password and query values wherever else they appear (HTTP clients quote the URL
+    in their own forms, without the password, say)."""
+    text = text.replace(url, display_url(url))
+    parts = urllib.parse.urlsplit(url)
+    for secret in filter(None, [os.environ.get(name) for name in SECRET_VARIABLES] + [parts.password]):
+        text = text.replace(secret, "***")
+    for pair in filter(None, parts.query.split("&")):
+        value = pair.partition("=")[2]
+        for form in filter(None, {value, urllib.parse.unquote(value)}):
+            text = text.replace(f"={form}", "=***")
+    return text
+
+
+def describe_error(err: Exception, url: str) -> str:
+    """Why `url` could not be opened, with a hint, free of secrets."""
+    # fsspec's http reports every failure (refused connection, HTTP 503) as FileNotFoundError,
+    # raised from the real one, and wraps that again for URLs with "?": find the real one.
+    while isinstance(err, FileNotFoundError) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, FileNotFoundError) or getattr(err, "status", None) == 404:
+        return "not found"
+    text = redact(f"{type(err).__name__}: {err}", url)
+    if isinstance(err, PermissionError) and url.lower().startswith(("s3://", "s3a://")):
+        return (f"access denied ({text}); check the credentials in AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+                f"AWS_SESSION_TOKEN and the endpoint in AWS_ENDPOINT_URL")
+    return text
+
+
+def opens_with_fsspec(url: str) -> bool:
+    """http(s)://, s3:// and every other URL; local paths, file:// and `pipe:` stay with WebDataset's gopen."""
+    lowered = url.lower()
+    return "://" in url and not lowered.startswith(("pipe:", "file:"))
+
+
+def open_shards(sources: Iterable[dict], handler: Callable[[Exception], bool] = reraise_exception) -> Iterator[dict]:
+    """Opener stage in place of WebDataset's `url_opener`: local files and `pipe:` go through gopen
+    as before, every other URL through `fsspec.open` (gopen would shell out to curl for http and
+    has no s3). A remote shard is named by `display_url` from here on (samples' `__url__`, errors),
+    so a password or signature in its URL reaches no log. Remote streams are closed once the tar
+    reader has moved on to the next shard (or the pipeline stops)."""
+    for source in sources:
+        url = source["url"]
+        if not opens_with_fsspec(url):
+            try:
+                stream = gopen(url, "rb")
+            except Exception as exn:
+                exn.args = exn.args + (url,)  # the handler names the shard by the last string argument
+                if handler(exn):
+                    continue
+                break
+            yield {**source, "stream": stream}
+            continue
+        name, failure = display_url(url), None
+        try:
+            stream = open_url(url)
+        except Exception as err:
+            failure = OSError(f"cannot open: {describe_error(err, url)}", name)  # the handler names the shard by the last argument
+        if failure is not None:
+            # Handled outside the except block: a strict handler's exception must not chain the
+            # original, whose text (an HTTP client's request, say) may quote credentials.
+            if handler(failure):
+                continue
+            break
+        with RemoteShardStream(stream, url) as remote:
+            yield {**source, "url": name, "stream": remote}
+
+
+class RemoteShardStream:
+    """A remote shard's bytes as the tar reader sees them: a read error is re-raised with its
+    reason through `describe_error` (no secrets), and the stream prints as its display URL
+    (WebDataset quotes str(stream) in its own error messages)."""
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url = stream, url
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except Exception as err:
+            failure = OSError(f"read failed: {describe_error(err, self.url)}")
+        raise failure  # outside the except block: the original, which may quote credentials, is not chained
+
+    def __enter__(self) -> "RemoteShardStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stream.close()
+        except Exception:  # a read-only stream that fails to close has lost nothing
+            pass
+
+    def __repr__(self) -> str:
+        return f"<remote shard {display_url(self.url)}>"
+
+
+def shard_samples(sources: Iterable[dict], handler: Callable[[Exception], bool] = reraise_exception) -> Iterator[dict]:
+    """`wds.tarfile_to_samples` with `open_shards` as its opener: shard URLs in, samples out."""
+    files = tar_file_expander(open_shards(sources, handler), handler=handler)
+    return group_by_keys(files, handler=handler)
+
+
+read_shards = wds.pipelinefilter(shard_samples)
