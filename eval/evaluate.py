@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eval.embedding import plot_embedding
 from eval.features import Features, extract_features
 from eval.generative import generate, load_task, needs_task, test_log_likelihood
 from eval.knn import knn_accuracy
@@ -20,6 +21,7 @@ from pipeline.config import Config
 from pipeline.data import BadSamples, ImageDecoder, check_urls
 from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
+from pipeline.tracking import log_eval
 
 log = logging.getLogger("sslpipe.eval")
 
@@ -103,6 +105,8 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
             for split, urls in splits.items()
         }
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
+        if name == "pretrained":  # its test features are drawn into embedding.png
+            embedded = features[cfg.data.test_split]
         log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "linear_val_accuracy"})
 
     results = {
@@ -127,6 +131,9 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         grid = save_grid(task.to_unit_range(generate(task.to(device), 64)), out / "samples.png", nrow=8)
         results["samples"] = str(grid)
         results["seconds"] = round(time.perf_counter() - start, 1)
+    plot_embedding(embedded.features.numpy(), embedded.labels.numpy(), out / "embedding.png", manifest.get("classes"),
+                   seed=cfg.train.seed, title=f"{cfg.task.name} / {cfg.model.backbone}: t-SNE of {cfg.data.test_split} features")
     write_results(results, out)
+    log_eval(cfg, results, out)  # into the run's MLflow run, when tracking.mlflow_uri is set
     log.info("wrote %s", out / "results.md")
     return results

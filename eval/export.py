@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from eval.embedding import plot_embedding
 from eval.evaluate import checkpoint_decoder, load_pretrained, scored_model
 from eval.features import extract_features
 from pipeline.data import BadSamples, check_urls
@@ -50,7 +51,8 @@ def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
 
 def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | None = None, device: str | None = None,
                     data_root: str | None = None, data_options: dict | None = None) -> dict[str, int]:
-    """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,) and `<split>_keys.txt`."""
+    """Writes `<split>_features.npy` (N, D) float32, `<split>_labels.npy` (N,), `<split>_keys.txt` and
+    `embedding_<split>.png` (t-SNE of a 2,000-sample subsample, coloured by class)."""
     cfg, backbone, state = load_pretrained(path, data_root)
     for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
         setattr(cfg.data, key, value)
@@ -69,5 +71,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
         np.save(out_dir / f"{split}_features.npy", features.features.numpy())
         np.save(out_dir / f"{split}_labels.npy", features.labels.numpy())
         (out_dir / f"{split}_keys.txt").write_text("\n".join(features.keys) + "\n")
+        plot_embedding(features.features.numpy(), features.labels.numpy(), out_dir / f"embedding_{split}.png", manifest.get("classes"),
+                       seed=cfg.train.seed, title=f"{cfg.task.name} / {cfg.model.backbone}: t-SNE of {split} features")
         counts[split] = len(features.keys)
     return counts

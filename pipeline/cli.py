@@ -1,4 +1,4 @@
-"""The `sslpipe` command line: data, pretrain, eval, export, tasks, demo."""
+"""The `sslpipe` command line: data, pretrain, examples, eval, export, report, tasks, demo."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling_flags(pretrain)
     add_input_flags(pretrain)
 
+    examples = commands.add_parser("examples", help="draw what the task feeds the network and what it must predict (PNG)", epilog=OVERRIDE_HELP)
+    examples.add_argument("--config", required=True, help="YAML config (see configs/)")
+    examples.add_argument("--out", default="examples.png", help="PNG to write (default: examples.png)")
+    examples.add_argument("--count", type=int, default=8, help="training samples to draw (default: 8)")
+    examples.add_argument("--checkpoint", metavar="RUN_OR_CHECKPOINT", help="draw the trained task of this run or checkpoint "
+                          "(colorization adds its predicted colours)")
+    add_input_flags(examples)
+
     evaluate = commands.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint vs raw pixels and random init")
     evaluate.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run directory (latest checkpoint) or checkpoint")
     evaluate.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
@@ -62,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data-root", help="shard folder, if it moved since pretraining")
     export.add_argument("--device")
     add_input_flags(export)
+
+    report = commands.add_parser("report", help="one self-contained HTML page comparing runs: configs, eval results, plots")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.yaml, metrics.jsonl, eval/)")
+    report.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
 
     commands.add_parser("tasks", help="list the registered pretext tasks and their options")
 
@@ -130,6 +142,16 @@ def cmd_pretrain(args, overrides) -> Path:
     return pretrain(cfg, resume=args.resume)
 
 
+def cmd_examples(args, overrides) -> None:
+    from pipeline.backbone import check_backbone
+    from pipeline.examples import write_examples
+
+    cfg = Config.load(args.config, [*overrides, *(f"data.{key}=true" for key in input_overrides(args))])
+    check_backbone(cfg.model)
+    path = write_examples(cfg, args.out, args.count, checkpoint=args.checkpoint)
+    print(f"wrote {path}" if path else f"task {cfg.task.name} has nothing to draw")
+
+
 def cmd_eval(args) -> dict:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
@@ -147,6 +169,12 @@ def cmd_export(args) -> None:
     if not args.no_features:
         counts = export_features(args.path, args.out, args.splits, args.device, args.data_root, data_options=input_overrides(args))
         print(f"wrote features to {args.out}: {counts}")
+
+
+def cmd_report(args) -> None:
+    from eval.html_report import write_report
+
+    print(f"wrote {write_report(args.run_dirs, args.out)}")
 
 
 def cmd_tasks() -> None:
@@ -191,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    accepts_overrides = args.command in ("pretrain", "demo")
+    accepts_overrides = args.command in ("pretrain", "demo", "examples")
     bad = [item for item in rest if not (accepts_overrides and item.startswith("--") and "=" in item)]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}" + ("" if not accepts_overrides else f" ({OVERRIDE_HELP})"))
@@ -204,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd_data(args)
         elif args.command == "pretrain":
             cmd_pretrain(args, rest)
+        elif args.command == "examples":
+            cmd_examples(args, rest)
         elif args.command == "eval":
             cmd_eval(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "report":
+            cmd_report(args)
         elif args.command == "tasks":
             cmd_tasks()
         elif args.command == "demo":

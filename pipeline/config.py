@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +93,30 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    tensorboard: bool = True  # rank 0 writes every metrics row as scalars to <run_dir>/tensorboard/
+    mlflow_uri: str = ""  # "": no MLflow; else a tracking URI or local folder (file:./mlruns); needs the [mlflow] extra
+    mlflow_experiment: str = "sslpipe"  # where a new MLflow run is created; a resumed run stays in its own
+
+    def __post_init__(self):
+        # A relative local store is made absolute here, on the driver: Ray workers and a later
+        # `sslpipe eval` run in other working directories and must write to the same store.
+        self.mlflow_uri = absolute_store_uri(self.mlflow_uri)
+
+
+def absolute_store_uri(uri: str) -> str:
+    """A local MLflow store with its path made absolute (`file:./mlruns` and `./mlruns` ->
+    `file:///abs/mlruns`, `sqlite:///x.db` -> `sqlite:////abs/x.db`); servers and absolute URIs unchanged."""
+    parts = urllib.parse.urlparse(uri)
+    if parts.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    is_path = parts.scheme == "" and not uri.startswith("databricks")  # MLflow's "databricks" has no scheme
+    if uri and (is_path or (parts.scheme == "file" and not parts.netloc)):
+        return Path(urllib.parse.unquote(parts.path) if parts.scheme else uri).expanduser().resolve().as_uri()
+    return uri
+
+
+@dataclass
 class Config:
     run_dir: str = ""  # "" : runs/<task>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +126,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_dict(cls, values: dict, check_task: bool = True) -> "Config":
@@ -310,6 +336,12 @@ def validate(cfg: Config, check_task: bool = True) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size} gives {cfg.train.global_batch_size // cfg.scaling.num_workers} "
             f"sample(s) per worker with scaling.num_workers={cfg.scaling.num_workers}; batch norm needs at least 2"
         )
+    if cfg.tracking.mlflow_uri:
+        if not cfg.tracking.mlflow_experiment:
+            raise ConfigError("tracking.mlflow_experiment must name an experiment when tracking.mlflow_uri is set")
+        from pipeline.tracking import require_mlflow  # here: only runs that log to MLflow need it
+
+        require_mlflow()  # on the driver, before Ray starts, not in the rank-0 worker after minutes
     if not check_task:
         return
 

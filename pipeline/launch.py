@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import load_valid_checkpoint
 from pipeline.config import Config, ConfigError
+from pipeline.examples import write_run_examples
 from pipeline.metrics import plot_metrics
 
 log = logging.getLogger("sslpipe.launch")
@@ -41,8 +42,9 @@ def check_local_resources(cfg: Config) -> None:
         )
 
 
-def check_data(cfg: Config) -> None:
-    """Every Ray worker needs its own training shards; a shortfall would only show inside the workers."""
+def check_data(cfg: Config):
+    """Every Ray worker needs its own training shards; a shortfall would only show inside the workers.
+    Returns the task it built (on the driver: the examples are drawn with it)."""
     from pipeline.data import check_urls, decoder_for
     from pipeline.shards import read_manifest, split_urls
 
@@ -53,12 +55,13 @@ def check_data(cfg: Config) -> None:
     # a jigsaw grid larger than the image) before any Ray worker starts.
     from pipeline.train import build_task
 
-    build_task(cfg, manifest, decoder)
+    task = build_task(cfg, manifest, decoder)
     if len(urls) < cfg.scaling.num_workers:
         raise ConfigError(
             f"split {cfg.data.train_split!r} of {cfg.data.root} has {len(urls)} shard(s) for scaling.num_workers={cfg.scaling.num_workers}: "
             f"each worker needs at least one; rewrite the shards smaller (--samples-per-shard) or use fewer workers"
         )
+    return task
 
 
 def check_cluster_resources(cfg: Config) -> None:
@@ -92,13 +95,14 @@ def init_ray(cfg: Config) -> None:
 
 def start_run(cfg: Config, resume: str | Path | None) -> Path:
     """Resolves the checkpoint to resume from (on the driver, so every worker starts from exactly
-    that one), fixes and writes the run directory, and checks the data before any training starts."""
+    that one), fixes and writes the run directory, checks the data before any training starts and
+    draws <run_dir>/examples.png."""
     if resume:
         # The newest readable checkpoint: a corrupted newest one is named and the previous one used.
         cfg.train.resume_from = str(load_valid_checkpoint(resume)[0].resolve())
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s", run_dir)
-    check_data(cfg)
+    write_run_examples(cfg, run_dir, check_data(cfg))
     return run_dir
 
 

@@ -5,11 +5,17 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Sequence
+
+from pipeline.tracking import Tracker
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path):
+    """metrics.jsonl and metrics.csv, and every row on to `trackers` (TensorBoard, MLflow: pipeline/tracking.py)."""
+
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker] = ()):
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = list(trackers)
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.columns: list[str] | None = None
@@ -26,6 +32,12 @@ class MetricsLog:
                 csv.writer(f).writerow(self.columns)
         with open(self.csv, "a", newline="") as f:
             csv.writer(f).writerow([metrics.get(c, "") for c in self.columns])
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def memory_mb() -> dict[str, float]:

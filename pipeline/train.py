@@ -19,6 +19,7 @@ from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog, memory_mb
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
+from pipeline.tracking import open_trackers
 from pretext import create_task, task_class
 
 log = logging.getLogger("sslpipe.train")
@@ -133,7 +134,7 @@ def train_worker(cfg: Config, session) -> dict:
         bad_samples=BadSamples.for_config(cfg.data),
     )
     write_worker_record(run_dir, session, loader.rank_shards)
-    metrics_log = MetricsLog(run_dir) if session.rank == 0 else None
+    metrics_log = MetricsLog(run_dir, open_trackers(cfg, start)) if session.rank == 0 else None
     batches = iter(loader)
     task.train()
     metrics: dict = {}
@@ -191,5 +192,6 @@ def train_worker(cfg: Config, session) -> dict:
                 session.report(metrics, state)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
     if session.rank == 0:
+        metrics_log.close()  # flushes TensorBoard, marks the MLflow run finished
         log.info("input: %s (rank 0; the metrics' bad_samples sums all ranks)", loader.bad_samples.summary())
     return metrics

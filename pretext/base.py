@@ -1,6 +1,7 @@
 """The one base class every pretext task and generative objective derives from."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import OptimConfig
+from pretext.grids import Panel, read_png, save_panels
 
 
 class PretextTask(nn.Module):
@@ -86,6 +88,52 @@ class PretextTask(nn.Module):
         tasks write sample grids (PNG) into `directory` and return their paths."""
         return []
 
+    def write_examples(self, samples: list[dict], path: Path) -> Path | None:
+        """Draws, for each of `samples` (decoded sample dicts, as the loader's decoder yields them),
+        what the task feeds the network and what it must predict, as one captioned PNG at `path`;
+        None when there is nothing to draw. Tasks change what is drawn through `example_panels`."""
+        examples = self.example_panels(samples) if samples else []
+        return save_panels(examples, path) if examples else None
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """One list of captioned panels per example. The default: the grids of `write_figures` when
+        the task writes any (generative objectives), else, per sample, every image the sample
+        transform emits, captioned with the target where it is a class index, then the target where
+        it is an image. Override where a task's labels or layout need more."""
+        figures = self.figure_panels(samples)
+        if figures:
+            return figures
+        transform = self.sample_transform()
+        examples = []
+        for sample in samples:
+            inputs, target = transform(sample)
+            images, targets = transform_images(inputs), transform_images(target)
+            if isinstance(target, Tensor) and not targets and target.numel() in (1, len(images)):
+                captions = [f"target {int(t)}" for t in target.flatten().expand(len(images))]
+            else:
+                captions = ["input"] * len(images)
+            examples.append([Panel(self.display(im), c) for im, c in zip(images, captions)]
+                            + [Panel(self.display(im), "target") for im in targets])
+        return examples
+
+    def figure_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The PNG grids `write_figures` draws from `samples` (step 0), one panel each, captioned
+        with their names ("reconstructions"); none for tasks that draw no figures."""
+        device = next(self.parameters(), torch.empty(0)).device
+        images = torch.stack([s["image"] for s in samples]).to(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = self.write_figures(Path(tmp), 0, images)
+            # "step_00000000_fixed_noise_samples.png" -> "fixed noise samples"
+            return [[Panel(read_png(f), f.stem.split("_", 2)[-1].replace("_", " "))] for f in files]
+
+    def display(self, images: Tensor) -> Tensor:
+        """Normalized images with the data's channels to [0, 1] (`to_unit_range`); others (a
+        different channel count) stretched from their own minimum to maximum."""
+        if images.shape[-3] == len(self.data_mean):
+            return self.to_unit_range(images)
+        low, high = images.min(), images.max()
+        return (images - low) / (high - low).clamp(min=1e-8)
+
     def feature_extractor(self) -> nn.Module:
         """The network whose outputs the eval stage scores: the backbone's pooled features, unless a
         task offers others (the VAE's posterior mean)."""
@@ -106,6 +154,18 @@ class PretextTask(nn.Module):
         """Normalized images back to pixel values in [0, 1], for pictures."""
         mean, std = self.pixel_stats(images.device)
         return (images.float() * std + mean).clamp(0, 1)
+
+
+def transform_images(value) -> list[Tensor]:
+    """The (C, H, W) images in a transform's output: tensors of 3 or more dimensions (leading ones
+    flattened: (N, C, H, W) gives N images), also inside dicts, lists and tuples."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [image for item in value for image in transform_images(item)]
+    if isinstance(value, Tensor) and value.ndim >= 3:
+        return list(value.reshape(-1, *value.shape[-3:]))
+    return []
 
 
 class ImageOnly:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError
 from pretext.base import PretextTask
+from pretext.grids import Panel
 from pretext.heads import feature_maps
 
 # ITU-R 601 luma weights, as PIL's convert("L") uses them; PIL computes them in 16-bit fixed point.
@@ -31,6 +32,7 @@ WHITE_D65 = (0.95047, 1.0, 1.08883)
 AB_SCALE = 110.0  # |a|, |b| of sRGB colours stay below 110: regression targets are ab / 110
 LEVELS = 3  # backbone feature maps the decoder fuses
 NEIGHBOURS, SIGMA = 5, 5.0  # soft-encoding and prior smoothing of Zhang et al.
+ANNEALED_T = 0.38  # Zhang et al.'s temperature for turning predicted bin distributions into colours
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
@@ -45,6 +47,20 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     f = torch.where(xyz > delta**3, xyz ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
     fx, fy, fz = f.unbind(-3)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    """sRGB values in [0, 1] of CIE Lab (D65), channels at dim -3: the inverse of `rgb_to_lab`,
+    clipped where the colour lies outside the sRGB gamut."""
+    L, a, b = lab.unbind(-3)
+    fy = (L + 16) / 116
+    f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=-3)
+    delta = 6 / 29
+    white = torch.tensor(WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    xyz = torch.where(f > delta, f**3, 3 * delta**2 * (f - 4 / 29)) * white
+    matrix = torch.linalg.inv(torch.tensor(RGB_TO_XYZ, dtype=torch.float64)).to(lab.dtype).to(lab.device)
+    linear = torch.einsum("ij,...jhw->...ihw", matrix, xyz).clamp(0, 1)
+    return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055).clamp(0, 1)
 
 
 def gray_stats(mean: list[float], std: list[float]) -> tuple[float, float]:
@@ -214,6 +230,45 @@ class Colorization(PretextTask):
 
     def sample_transform(self) -> ColorizationTransform:
         return ColorizationTransform(self.data_mean, self.data_std)
+
+    def has_trained(self) -> bool:
+        """Whether training batches went through this task (its bin counts grew past their start of
+        one per bin): a fresh task's colours would be noise, so examples show predictions only then."""
+        return bool(self.bin_counts.sum() > self.bin_counts.numel())
+
+    @torch.no_grad()
+    def predict_ab(self, gray: Tensor) -> Tensor:
+        """(B, 2, H, W) ab predicted for (B, 1, H, W) normalized luma, upsampled to its size: the
+        annealed mean of the bin distribution (Zhang et al.: less washed out than the mean, less
+        patchy than the mode), or the regressed values."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.decoder(feature_maps(self.encoder, gray, LEVELS)).float()  # (B, Q or 2, h, w)
+        finally:
+            self.train(was_training)
+        if self.mode == "regression":
+            ab = out * AB_SCALE
+        else:
+            probs = torch.softmax(F.log_softmax(out, dim=1) / ANNEALED_T, dim=1)
+            ab = torch.einsum("bqhw,qc->bchw", probs, self.bin_centres)  # q: bins, c: (a, b)
+        return F.interpolate(ab, size=gray.shape[-2:], mode="bilinear", align_corners=False)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The grayscale input, the colour target (its ab with the image's own L, shown as RGB) and,
+        once the task has trained, its predicted colours (the predicted ab with the same L)."""
+        transform = self.sample_transform()
+        grays, ab_targets = zip(*(transform(s) for s in samples))
+        lightness = rgb_to_lab(self.to_unit_range(torch.stack([s["image"] for s in samples])))[:, :1]  # (B, 1, H, W)
+        targets = lab_to_rgb(torch.cat([lightness, torch.stack(ab_targets)], 1))
+        gray_unit = (torch.stack(grays) * transform.gray_std + transform.gray_mean).clamp(0, 1)
+        examples = [[Panel(g, "L input"), Panel(t, "ab target")] for g, t in zip(gray_unit, targets)]
+        if self.has_trained():
+            device = self.bin_centres.device
+            predicted = lab_to_rgb(torch.cat([lightness, self.predict_ab(torch.stack(grays).to(device)).cpu()], 1))
+            for example, colours in zip(examples, predicted):
+                example.append(Panel(colours, "ab predicted"))
+        return examples
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         # inputs: (B, 1, H, W) normalized luma; target: (B, 2, H, W) ab

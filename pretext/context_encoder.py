@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel
 from pretext.heads import ConvDecoder, feature_maps
 
 MASKS = ("center", "random")
@@ -60,6 +61,18 @@ class ContextEncoder(PretextTask):
 
     def sample_transform(self) -> MaskRegion:
         return MaskRegion(self.mask, self.side)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The masked input, then the clean image with everything outside the hole dimmed: the
+        loss scores the hole only."""
+        transform = self.sample_transform()
+        examples = []
+        for sample in samples:
+            masked, target = transform(sample)
+            clean, mask = target[:-1], target[-1:]
+            examples.append([Panel(self.to_unit_range(masked), "input"),
+                             Panel(self.to_unit_range(clean) * (0.25 + 0.75 * mask), "target (hole)")])
+        return examples
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         clean, mask = target[:, :-1], target[:, -1:]

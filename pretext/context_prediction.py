@@ -9,10 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel
 from pretext.heads import MLPHead
 
 # (row, column) direction of each class, clockwise from the top-left neighbour, as in the paper's figure.
 NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
+DIRECTIONS = ("up-left", "up", "up-right", "right", "down-right", "down", "down-left", "left")  # of each class, for captions
 
 
 class ContextTransform:
@@ -80,6 +82,16 @@ class ContextPrediction(PretextTask):
 
     def sample_transform(self) -> ContextTransform:
         return ContextTransform(self.patch, self.gap, self.jitter, self.normalize_patches)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The centre patch and the neighbour patch, captioned with the direction to predict."""
+        transform = self.sample_transform()
+        examples = []
+        for sample in samples:
+            patches, label = transform(sample)
+            centre, neighbour = self.to_unit_range(patches)
+            examples.append([Panel(centre, "centre"), Panel(neighbour, f"neighbour {DIRECTIONS[int(label)]}")])
+        return examples
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         batch = inputs.shape[0]  # inputs: (B, 2, C, patch, patch)

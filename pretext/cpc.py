@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel, mosaic
 from pretext.losses import info_nce
 
 
@@ -138,6 +139,11 @@ class CPC(PretextTask):
 
     def sample_transform(self) -> PatchGrid:
         return PatchGrid(self.patch_origins(), self.patch_size, self.jitter, self.flip)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The grid of (augmented, overlapping) patches, laid out row-major as the context network sees them."""
+        transform = self.sample_transform()
+        return [[Panel(mosaic(self.to_unit_range(transform(s)[0]), self.grid), f"{self.grid}x{self.grid} patches")] for s in samples]
 
     def encode(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Patch codes z (B, D, G, G) and row-causal context c (B, context_dim, G, G) of (B, G*G, C, p, p) patches."""

@@ -11,6 +11,7 @@ import torchvision.transforms.v2 as T
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.losses import gather_with_grad, info_nce
 
@@ -82,6 +83,11 @@ class Exemplar(PretextTask):
 
     def sample_transform(self) -> TwoViews:
         return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The two augmented views of each image, which must find each other in the batch."""
+        transform = self.sample_transform()
+        return [[Panel(self.to_unit_range(view), f"view {i + 1}") for i, view in enumerate(transform(s)[0])] for s in samples]
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         batch = inputs.shape[0]  # inputs: (B, 2, C, H, W)

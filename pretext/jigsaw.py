@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel, mosaic
 from pretext.heads import MLPHead
 
 
@@ -109,6 +110,17 @@ class Jigsaw(PretextTask):
     def sample_transform(self) -> JigsawTransform:
         # Built from the buffer, which a resumed checkpoint has already overwritten.
         return JigsawTransform(self.permutations.cpu().numpy(), self.grid, self.tile, self.normalize_tiles)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The image, then its tiles laid out in the order the network receives them (position i
+        holds tile permutations[index][i]), captioned with the permutation index it must predict."""
+        transform = self.sample_transform()
+        examples = []
+        for sample in samples:
+            tiles, index = transform(sample)
+            examples.append([Panel(self.to_unit_range(sample["image"]), "image"),
+                             Panel(mosaic(self.to_unit_range(tiles), self.grid), f"perm {int(index)}")])
+        return examples
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         batch, tiles = inputs.shape[:2]  # inputs: (B, grid*grid, C, tile, tile)

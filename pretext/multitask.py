@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel
 
 
 class MultiTransform:
@@ -67,6 +68,11 @@ class MultiTask(PretextTask):
 
     def sample_transform(self) -> MultiTransform:
         return MultiTransform({name: task.sample_transform() for name, task in self.tasks.items()})
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """Every sub-task's examples of the same samples, captions prefixed with the sub-task's name."""
+        return [[Panel(p.image, f"{name}: {p.caption}") for p in example]
+                for name, task in self.tasks.items() for example in task.example_panels(samples)]
 
     def forward(self, inputs: dict, target: dict) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.timm_models import PixelCNNNet
 from pretext.base import ImageOnly, PretextTask
-from pretext.grids import save_grid
+from pretext.grids import Panel, save_grid
 from pretext.likelihoods import bits_per_dim, categorical_log_likelihood, from_pixels, to_pixels
 
 
@@ -79,6 +79,12 @@ class PixelCNN(PretextTask):
             return from_pixels(pixels, mean, std)
         finally:
             self.train(was_training)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """The images it is fed, which are also its targets, and not `write_figures`' samples:
+        drawing them costs H * W * C passes (minutes on a CPU for a 28 px grid), and an untrained
+        PixelCNN's samples are noise. Training (at checkpoints) and `sslpipe eval` draw samples."""
+        return [[Panel(self.to_unit_range(s["image"]), "input = target")] for s in samples]
 
     def write_figures(self, directory: Path, step: int, inputs) -> list[Path]:
         if self.samples_in_figures <= 0:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.base import PretextTask
+from pretext.grids import Panel
 from pretext.heads import MLPHead
 
 NUM_ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -56,6 +57,16 @@ class Rotation(PretextTask):
 
     def sample_transform(self) -> RotationTransform:
         return RotationTransform(self.all_rotations)
+
+    def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """Each rotated input captioned with its target angle (all four per sample with all_rotations)."""
+        transform = self.sample_transform()
+        examples = []
+        for sample in samples:
+            views, targets = transform(sample)
+            views, targets = views.reshape(-1, *views.shape[-3:]), targets.flatten()
+            examples.append([Panel(self.to_unit_range(v), f"{90 * int(k)}°") for v, k in zip(views, targets)])
+        return examples
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         # inputs: (B, C, H, W) or (B, 4, C, H, W) with all_rotations; target: (B,) or (B, 4)

@@ -1,0 +1,87 @@
+"""examples.png: what the configured task feeds the network and what it must predict, drawn by the
+task's `write_examples` from the first training samples (`sslpipe examples`, and once at the start
+of `sslpipe pretrain`)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+
+log = logging.getLogger("sslpipe.examples")
+
+EXAMPLES = "examples.png"
+
+
+def first_samples(cfg: Config, count: int) -> list[dict]:
+    """The first `count` good samples of the training split, in shard order, decoded as the training
+    loader decodes them: {"image": normalized (C, H, W), "label", "key"}."""
+    from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, eval_loader
+    from pipeline.shards import read_manifest, split_urls
+
+    if count < 1:
+        raise ValueError(f"count={count}: draw at least one example")
+    manifest = read_manifest(cfg.data.root)
+    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
+    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    # The eval loader reads shards in order, once, in this process: the same samples every time.
+    loader = eval_loader(urls, 0, 1, decoder, batch_size=count, loader_workers=0, bad_samples=BadSamples.for_config(cfg.data))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ShardError(f"split {cfg.data.train_split!r} of {cfg.data.root} has no readable sample to draw")
+    images, labels, keys = batch
+    return [{"image": image, "label": int(label), "key": key} for image, label, key in zip(images, labels, keys)]
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Runs the block with Python's and torch's CPU generators seeded, then restores them: the
+    transforms' random draws give the same examples each time and leave training's draws as they were."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, checkpoint: str | Path | None = None) -> Path | None:
+    """Draws `count` training samples through the configured task into the PNG `path`. `task`: one
+    already built for this config (else a fresh one is built); `checkpoint`: a run directory or
+    checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
+    from pipeline.data import decoder_for
+    from pipeline.shards import read_manifest
+    from pipeline.train import build_task
+
+    with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too
+        samples = first_samples(cfg, count)
+        if task is None:
+            manifest = read_manifest(cfg.data.root)
+            task = build_task(cfg, manifest, decoder_for(manifest, cfg.data.train_split, cfg.data.image_size))
+        if checkpoint is not None:
+            from pipeline.checkpoint import CheckpointError, load_valid_checkpoint
+
+            file, state = load_valid_checkpoint(checkpoint)
+            try:
+                task.load_state_dict(state["task"], strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"{file} does not fit task {cfg.task.name!r} / {cfg.model.backbone}: {err}") from err
+        return task.write_examples(samples, Path(path))
+
+
+def write_run_examples(cfg: Config, run_dir: Path, task) -> Path | None:
+    """<run_dir>/examples.png, drawn on the driver before training; a resumed run keeps the one it
+    started with."""
+    path = Path(run_dir) / EXAMPLES
+    if path.exists():
+        return path
+    written = write_examples(cfg, path, task=task)
+    if written:
+        log.info("examples of what task %s learns from: %s", cfg.task.name, written)
+    return written
