@@ -37,6 +37,40 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     folder.add_argument("--mode", default="RGB", choices=["RGB", "L"], help="colour mode images are converted to when read")
     folder.add_argument("--samples-per-shard", type=int, default=5000)
+    video = sources.add_parser("video", help="video files with sound -> audio-visual shards (frame, audio window, record)",
+                               description="PATH is a video or a folder of them (class subfolders give labels, as for `data folder`). "
+                                           "Frames every 1/FPS s, centre-cropped and resized, each with the mono audio window centred on "
+                                           "its timestamp; frames whose window leaves the clip are skipped. Videos without sound, "
+                                           "unreadable files and clips shorter than the window are skipped and named. "
+                                           "A seeded fraction of whole videos becomes the test split.")
+    video.add_argument("path", help="a video file or a folder of them")
+    video.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    video.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    video.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate in Hz (default: 16000)")
+    video.add_argument("--window", type=float, default=1.0, help="audio window in seconds, centred on each frame (default: 1.0)")
+    video.add_argument("--image-size", type=int, default=64, help="frames become square images of this size (default: 64)")
+    video.add_argument("--labels", help='JSON object {"<video file>": "<class name>"} (instead of class subfolders)')
+    video.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class's videos held out as 'test' (default: 0.2)")
+    video.add_argument("--seed", type=int, default=0, help="seed of the train/test split of videos")
+    video.add_argument("--workers", type=int, default=1, help="videos decoded in parallel processes (default: 1)")
+    video.add_argument("--samples-per-shard", type=int, default=5000)
+    synth = sources.add_parser("av-synth", help="SYNTHETIC audio-visual clips (class-coloured moving shapes with class sounds) -> shards",
+                               description="Procedural clips, not real data: each class has its own shape, colour, motion, pitch, "
+                                           "timbre and rhythm. Writes the samples `data video` would make from the clips, "
+                                           "and with --mp4 N also N clips as .mp4 files (H.264 + AAC) in class folders.")
+    synth.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    synth.add_argument("--clips", type=int, default=500, help="number of clips (default: 500)")
+    synth.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    synth.add_argument("--duration", type=float, default=4.0, help="seconds per clip (default: 4)")
+    synth.add_argument("--fps", type=float, default=2.0, help="frames sampled per second (default: 2)")
+    synth.add_argument("--image-size", type=int, default=32, help="frame size in pixels (default: 32)")
+    synth.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate in Hz (default: 16000)")
+    synth.add_argument("--window", type=float, default=1.0, help="audio window in seconds, centred on each frame (default: 1.0)")
+    synth.add_argument("--test-fraction", type=float, default=0.2, help="fraction of clips held out as 'test' (default: 0.2)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--mp4", type=int, default=0, metavar="N", help="also write the first N clips as .mp4 files")
+    synth.add_argument("--mp4-out", help="folder for the .mp4 files (default: OUT/mp4)")
+    synth.add_argument("--samples-per-shard", type=int, default=5000)
 
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone with a pretext task on Ray Train", epilog=OVERRIDE_HELP)
     pretrain.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
@@ -128,6 +162,17 @@ def cmd_data(args) -> None:
 
     if args.source == "fashion-mnist":
         manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard)
+    elif args.source == "video":
+        from pipeline.video import write_video_dataset
+
+        manifest = write_video_dataset(args.path, args.out, args.fps, args.sample_rate, args.window, args.image_size, args.labels,
+                                       args.test_fraction, args.seed, args.workers, args.samples_per_shard)
+    elif args.source == "av-synth":
+        from pipeline.av_synth import write_av_synth
+
+        manifest = write_av_synth(args.out, args.clips, args.classes, args.duration, args.fps, args.image_size, args.sample_rate,
+                                  args.window, test_fraction=args.test_fraction, seed=args.seed, mp4=args.mp4, mp4_out=args.mp4_out,
+                                  samples_per_shard=args.samples_per_shard)
     else:
         manifest = write_image_folder(args.path, args.out, args.mode, args.samples_per_shard)
     print(f"wrote {manifest}")

@@ -2,17 +2,20 @@
 
 Training streams each rank's own shards forever, reshuffled every pass; evaluation reads every
 sample exactly once (no resampling, disjoint shards per rank and loader worker, a partial last batch).
-Samples are decoded by `ImageDecoder`, which accepts image files and integer labels only, so
-nothing in a shard can run code (WebDataset's default decoders unpickle `.pyd` entries).
+Samples are decoded by `ImageDecoder`, which accepts image files and integer labels only (plus, for
+audio-visual datasets, PCM audio and a JSON record), so nothing in a shard can run code (WebDataset's
+default decoders unpickle `.pyd` entries).
 Shards are local files (or `pipe:` commands, when allowed) or URLs that fsspec reads: http(s)://,
 s3:// and any other installed protocol (`read_shards`).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import multiprocessing
 import random
+import wave
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,6 +31,7 @@ from pipeline.storage import display_url, opens_with_fsspec, read_shards
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
 LABEL_EXTS = ("cls", "label")
+AUDIO_EXTS = ("wav", "npy")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -195,12 +199,16 @@ class ImageDecoder:
     """Decodes a raw sample into {"image": float (C, H, W) normalized, "label": int (-1: none), "key"}.
 
     Only image bytes (through libpng or PIL) and integer labels are read; a sample holding pickled data is
-    rejected, never unpickled.
+    rejected, never unpickled. With `audio` (the manifest's {"sample_rate", "samples"}) each sample also
+    gives "audio": float32 (1, samples) in [-1, 1] from its `.wav` (mono 16-bit PCM) or `.npy` entry,
+    and "video": str and "time": float (seconds) from its `.json`; a missing, short or wrong-rate audio
+    entry makes it a bad sample.
     """
 
     def __init__(self, mode: str, image_size: int, mean: list[float], std: list[float], require_label: bool = False,
-                 num_classes: int = 0):
+                 num_classes: int = 0, audio: dict | None = None):
         self.mode, self.image_size, self.require_label, self.num_classes = mode, image_size, require_label, num_classes
+        self.audio = audio
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         # uint8 -> normalized float in one fused op: (x / 255 - mean) / std = x * scale + shift.
@@ -211,7 +219,8 @@ class ImageDecoder:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         unsafe = [ext for ext in sample if ext.split(".")[-1] in UNSAFE_EXTS]
         if unsafe:
-            raise ShardError(f"shard {url}, key {key}: refusing pickled entry {unsafe[0]!r}; shards may hold images, labels and json only")
+            raise ShardError(f"shard {url}, key {key}: refusing pickled entry {unsafe[0]!r}; shards may hold images, labels, "
+                             f"audio (wav, npy without objects) and json only")
         image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
         if image_ext is None:
             raise ShardError(f"shard {url}, key {key}: no image (expected one of {list(IMAGE_EXTS)}, found {sorted(k for k in sample if not k.startswith('__'))})")
@@ -236,7 +245,29 @@ class ImageDecoder:
                 raise ShardError(f"shard {url}, key {key}: label {sample[label_ext][:20]!r} is not an integer") from err
             if self.num_classes and not 0 <= label < self.num_classes:
                 raise ShardError(f"shard {url}, key {key}: label {label} is outside the {self.num_classes} classes of the manifest (0..{self.num_classes - 1})")
-        return {"image": torch.addcmul(self.shift, pixels.float(), self.scale), "label": label, "key": key}
+        decoded = {"image": torch.addcmul(self.shift, pixels.float(), self.scale), "label": label, "key": key}
+        if self.audio:
+            decoded.update(self.decode_av(sample, url, key))
+        return decoded
+
+    def decode_av(self, sample: dict, url: str, key: str) -> dict:
+        """{"audio": float32 (1, samples), "video": str, "time": float} of an audio-visual sample."""
+        audio_ext = next((ext for ext in AUDIO_EXTS if ext in sample), None)
+        if audio_ext is None:
+            raise ShardError(f"shard {url}, key {key}: no audio (expected one of {list(AUDIO_EXTS)}, "
+                             f"found {sorted(k for k in sample if not k.startswith('__'))})")
+        try:
+            waveform = decode_audio(sample[audio_ext], audio_ext, self.audio["sample_rate"], self.audio["samples"])
+        except ValueError as err:
+            raise ShardError(f"shard {url}, key {key}: {audio_ext} audio {err}") from err
+        try:
+            record = json.loads(sample["json"])
+            video, time = record["video"], record["time"]
+            if not isinstance(video, str) or isinstance(time, bool) or not isinstance(time, (int, float)):
+                raise ValueError(f"wrong types ({type(video).__name__}, {type(time).__name__})")
+        except (KeyError, TypeError, ValueError) as err:
+            raise ShardError(f"shard {url}, key {key}: no valid json record {{\"video\": str, \"time\": seconds}} ({err!r})") from err
+        return {"audio": torch.from_numpy(waveform).view(1, -1), "video": video, "time": float(time)}
 
     def decode_plain_png(self, data: bytes) -> torch.Tensor | None:
         """(C, H, W) uint8 through libpng (torchvision) for the common case, an 8-bit PNG already in
@@ -259,6 +290,42 @@ class ImageDecoder:
             pixels = np.array(img, dtype=np.uint8)
         pixels = pixels[..., None] if pixels.ndim == 2 else pixels
         return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_audio(data: bytes, ext: str, sample_rate: int, samples: int) -> np.ndarray:
+    """float32 (samples,) in [-1, 1] from a mono 16-bit PCM .wav of exactly `sample_rate` and `samples`,
+    or from a .npy array (int16, or float in [-1, 1]) of `samples` values, loaded without pickle.
+    Raises ValueError saying what is wrong."""
+    if not data:
+        raise ValueError("has zero bytes")
+    if ext == "wav":
+        try:
+            with wave.open(io.BytesIO(data), "rb") as f:
+                channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+                pcm = f.readframes(samples + 1)
+        except (wave.Error, EOFError, OSError) as err:
+            raise ValueError(f"does not decode ({err})") from err
+        if (channels, width) != (1, 2):
+            raise ValueError(f"is {channels}-channel {8 * width}-bit; expected mono 16-bit PCM")
+        if rate != sample_rate:
+            raise ValueError(f"is at {rate} Hz; the manifest says {sample_rate} Hz")
+        if frames != samples or len(pcm) != 2 * samples:
+            # A truncated file still carries the header's frame count: count the bytes that are there.
+            raise ValueError(f"has {len(pcm) // 2} samples (header: {frames}); the manifest says {samples}")
+        return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    if ext == "npy":
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays (pickles) raise here
+        except Exception as err:
+            raise ValueError(f"does not decode ({err})") from err
+        if not isinstance(array, np.ndarray) or array.size != samples or array.squeeze().ndim > 1:
+            raise ValueError(f"has shape {getattr(array, 'shape', '?')}; the manifest says ({samples},)")
+        if array.dtype == np.int16:
+            return array.reshape(-1).astype(np.float32) / 32768.0
+        if array.dtype.kind != "f" or not np.all(np.abs(array) <= 1.0):  # also rejects NaN
+            raise ValueError(f"of dtype {array.dtype} is not int16 or float in [-1, 1]")
+        return array.reshape(-1).astype(np.float32)
+    raise ValueError(f"extension {ext!r} is not one of {list(AUDIO_EXTS)}")
 
 
 def convert_image(img: Image.Image, mode: str) -> Image.Image:
@@ -357,11 +424,15 @@ def eval_loader(
 
 
 def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool = False) -> ImageDecoder:
-    """Decoder with the manifest's colour mode and the channel statistics of `split` (the training split)."""
+    """Decoder with the manifest's colour mode and the channel statistics of `split` (the training split),
+    and its audio spec when the dataset is audio-visual (manifest "audio")."""
     if split not in manifest["splits"]:
         raise ShardError(f"split {split!r} is not in the manifest of {manifest.get('name', '?')!r}; available: {sorted(manifest['splits'])}")
     stats = manifest["splits"][split]
     size = image_size or (stats["image_size"] or [0])[0]
     if not size:
         raise ShardError(f"images of split {split!r} in {manifest.get('name', '?')!r} differ in size: set data.image_size to resize them to one size")
-    return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label, len(manifest.get("classes") or []))
+    audio = manifest.get("audio")
+    if audio is not None and not (isinstance(audio, dict) and all(isinstance(audio.get(k), int) and audio[k] > 0 for k in ("sample_rate", "samples"))):
+        raise ShardError(f"manifest of {manifest.get('name', '?')!r}: \"audio\" must be {{\"sample_rate\": int, \"samples\": int}}, not {audio!r}")
+    return ImageDecoder(manifest["mode"], size, stats["mean"], stats["std"], require_label, len(manifest.get("classes") or []), audio)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,6 +27,7 @@ class Sample:
     ext: str  # png, jpg, ...
     label: int | None
     source: str = ""  # where the image came from, for error messages
+    extra: dict[str, bytes] = field(default_factory=dict)  # more entries by extension: "wav", "json" (audio-visual samples)
 
 
 @dataclass
@@ -59,6 +61,17 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_wav(pcm: np.ndarray, sample_rate: int) -> bytes:
+    """Mono 16-bit PCM samples (int16) as a .wav file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return buffer.getvalue()
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,8 +87,14 @@ def write_split(
     total: int,
     mode: str,
     samples_per_shard: int = 5000,
+    audio: dict | None = None,
+    progress: bool = True,
 ) -> dict:
     """Writes one split as `<split>-000000.tar`, ... and returns its manifest entry.
+
+    `audio` (the manifest's {"sample_rate", "samples"}) marks an audio-visual dataset: each sample
+    must then carry an audio entry of exactly that rate and length in `Sample.extra`, checked here
+    like the image. `progress=False` hides the per-sample bar (for callers that show their own).
 
     Every image is decoded once while writing: a file that does not decode fails here, named, not
     in the middle of a training run; the decoded pixels also give the split's channel statistics.
@@ -95,7 +114,7 @@ def write_split(
         os.replace(partial, final)
         shards.append({"file": final.name, "count": count, "sha256": sha256(final)})
 
-    for sample in tqdm(samples, total=total, desc=f"writing {split} shards", unit="img", mininterval=1.0):
+    for sample in tqdm(samples, total=total, desc=f"writing {split} shards", unit="img", mininterval=1.0, disable=not progress):
         if writer is None or count == samples_per_shard:
             if writer is not None:
                 close()
@@ -112,7 +131,9 @@ def write_split(
         pixels = pixels[..., None] if pixels.ndim == 2 else pixels
         stats.add(pixels)
         sizes.add(pixels.shape[:2])
-        record = {"__key__": sample.key, sample.ext: sample.image}
+        if audio:
+            check_audio(sample, audio)
+        record = {"__key__": sample.key, sample.ext: sample.image, **sample.extra}
         if sample.label is not None:
             record["cls"] = str(int(sample.label)).encode()
             labelled += 1
@@ -132,9 +153,27 @@ def write_split(
     }
 
 
-def write_manifest(out_dir: Path, name: str, classes: list[str], mode: str, splits: dict[str, dict]) -> Path:
+def check_audio(sample: Sample, audio: dict) -> None:
+    """Decodes the sample's audio entry as the loader will: a bad one fails the write, named."""
+    from pipeline.data import AUDIO_EXTS, decode_audio  # lazy: data.py imports torch
+
+    ext = next((ext for ext in AUDIO_EXTS if ext in sample.extra), None)
+    where = f"sample {sample.key!r}{f' ({sample.source})' if sample.source else ''}"
+    if ext is None:
+        raise ValueError(f"{where}: no audio entry (one of {list(AUDIO_EXTS)}) in an audio-visual dataset")
+    try:
+        decode_audio(sample.extra[ext], ext, audio["sample_rate"], audio["samples"])
+    except ValueError as err:
+        raise ValueError(f"{where}: {ext} audio {err}") from err
+
+
+def write_manifest(out_dir: Path, name: str, classes: list[str], mode: str, splits: dict[str, dict],
+                   audio: dict | None = None) -> Path:
+    """`audio`: {"sample_rate", "samples"} of every sample's audio window (audio-visual datasets only)."""
     manifest = {"name": name, "format": "sslpipe-shards/1", "mode": mode, "channels": len(mode),
                 "classes": classes, "num_classes": len(classes), "splits": splits}
+    if audio:
+        manifest["audio"] = {"sample_rate": int(audio["sample_rate"]), "samples": int(audio["samples"])}
     path = out_dir / MANIFEST
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(manifest, indent=2))

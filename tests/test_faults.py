@@ -87,9 +87,13 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_continues_with_optimizer_st
             "--model.backbone_kwargs={channels: [8, 16, 32, 64]}", "--data.shuffle_buffer=64", "--optim.name=adamw",
             "--optim.lr=0.01", "--optim.weight_decay=0.0", "--train.global_batch_size=32", "--train.log_every=5",
             "--train.checkpoint_every=10", "--scaling.num_workers=1"]
-    proc = subprocess.Popen([*args, "--train.steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT's default action for the child even when this test runs in a background job, where the
+    # shell sets SIGINT to "ignore" and children inherit that (the interrupt would then never arrive).
+    proc = subprocess.Popen([*args, "--train.steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_00000020")):
+    # Any checkpoint at or past step 20 (only the newest two are kept, so step 20 itself may be gone).
+    while time.time() < deadline and not any(int(p.name.split("_")[1]) >= 20 for p in (run_dir / "checkpoints").glob("step_*")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=180)  # generous: a loaded CI machine is slow to tear down loader workers
