@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from eval.embedding import plot_embedding
+from eval.audio_visual import evaluate_audio_visual, is_audio_visual
 from eval.features import Features, extract_features
 from eval.generative import generate, load_task, needs_task, test_log_likelihood
 from eval.knn import knn_accuracy
@@ -121,6 +122,11 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if is_audio_visual(task):  # audio features scored like the frames', retrieval both ways, AVC accuracy
+        audio_visual = evaluate_audio_visual(task, cfg, splits, manifest, embedded, device, score)
+        rows.update(audio_visual.pop("rows"))
+        results["audio_visual"] = audio_visual
+        results["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
     if task is not None and task.likelihood_kind is not None:
         results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),

@@ -39,12 +39,15 @@ def extract_features(
     desc: str = "features",
     total: int | None = None,
     bad_samples: BadSamples | None = None,
+    field: str = "image",
 ) -> Features:
-    """Pooled features of `model` (None: the normalized pixels, flattened) for this rank's samples."""
+    """Pooled features of `model` (None: the normalized pixels, flattened) for this rank's samples;
+    `field="audio"` feeds the waveforms of an audio-visual dataset instead of the frames."""
     device = torch.device(device)
     if model is not None:
         model.eval().to(device)
-    loader = eval_loader(urls, rank, world_size, decoder, batch_size, loader_workers, pin_memory=device.type == "cuda", bad_samples=bad_samples)
+    loader = eval_loader(urls, rank, world_size, decoder, batch_size, loader_workers, pin_memory=device.type == "cuda",
+                         bad_samples=bad_samples, field=field)
     chunks, labels, keys = [], [], []
     with tqdm(total=total, desc=desc, unit="img", mininterval=2.0) as progress:
         for images, batch_labels, batch_keys in loader:

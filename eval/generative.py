@@ -15,10 +15,10 @@ from pretext import TASKS, PretextTask
 
 def needs_task(task_name: str) -> bool:
     """Whether eval must rebuild the task (not just its backbone): it scores other features than
-    the pooled backbone's, or it defines a likelihood or samples."""
+    the pooled backbone's, defines a likelihood or samples, or has an audio side (AV tasks)."""
     cls = TASKS.get(task_name)
     return cls is not None and (cls.feature_extractor is not PretextTask.feature_extractor or cls.likelihood_kind is not None
-                                or hasattr(cls, "sample"))
+                                or hasattr(cls, "sample") or "audio" in getattr(cls, "modalities", ()))
 
 
 def load_task(state: dict, cfg) -> PretextTask:

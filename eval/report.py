@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW_NAMES = {"raw_pixels": "raw pixels", "random_init": "random-init backbone", "pretrained": "pretrained backbone"}
+ROW_NAMES = {"raw_pixels": "raw pixels", "random_init": "random-init backbone", "pretrained": "pretrained backbone",
+             "pretrained_audio": "pretrained audio network", "random_init_audio": "random-init audio network"}
 
 
 def markdown_table(results: dict) -> str:
@@ -36,6 +37,15 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
                  f"over {gen['images']} images.\n")
     if "samples" in results:
         text += f"\nSamples: {results['samples']}\n"
+    if "audio_visual" in results:
+        av = results["audio_visual"]
+        text += (f"\nCross-modal retrieval on {av['retrieval']['queries']} test frames of {av['test_clips']} held-out clips "
+                 "(a hit: any audio, or frame, of the query's clip):\n\n| direction | " + " | ".join(av["retrieval"]["chance"])
+                 + " |\n|---|" + "---|" * len(av["retrieval"]["chance"]) + "\n")
+        for direction in ("image_to_audio", "audio_to_image", "chance"):
+            text += f"| {direction.replace('_', ' ')} | " + " | ".join(f"{100 * v:.1f}" for v in av["retrieval"][direction].values()) + " |\n"
+        if "correspondence_accuracy" in av:
+            text += f"\nAudio-visual correspondence accuracy on held-out clips: {100 * av['correspondence_accuracy']:.2f}%\n"
     md_path.write_text(text)
     plot_results(results, out_dir / "results.png")
     return json_path, md_path

@@ -19,13 +19,16 @@ def retrieval_ranks(queries: Tensor, items: Tensor, groups: Tensor | None = None
         raise ValueError(f"queries {tuple(queries.shape)} and items {tuple(items.shape)} must be paired row by row")
     queries, items = F.normalize(queries.float(), dim=1), F.normalize(items.float(), dim=1)
     ids = torch.arange(len(items)) if groups is None else torch.as_tensor(groups)
-    ranks = []
-    for start in range(0, len(queries), chunk):
-        sims = queries[start : start + chunk] @ items.T  # (q, N)
-        positive = ids[start : start + chunk, None] == ids[None, :]
-        best_positive = sims.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-        ranks.append(((sims > best_positive) & ~positive).sum(dim=1))
-    return torch.cat(ranks)
+    return torch.cat([ranks_from_scores(queries[start : start + chunk] @ items.T, ids, start) for start in range(0, len(queries), chunk)])
+
+
+def ranks_from_scores(scores: Tensor, groups: Tensor, offset: int = 0) -> Tensor:
+    """Ranks from a score matrix (q, N) whose row i is query `offset + i` and column j item j
+    (higher: more alike; any score, e.g. a correspondence network's, not only cosine)."""
+    ids = torch.as_tensor(groups)
+    positive = ids[offset : offset + len(scores), None] == ids[None, :]
+    best_positive = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+    return ((scores > best_positive) & ~positive).sum(dim=1)
 
 
 def recall_at_k(queries: Tensor, items: Tensor, ks: tuple[int, ...] = (1, 5, 10), groups: Tensor | None = None) -> dict[str, float]:

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--mp4", type=int, default=0, metavar="N", help="also write the first N clips as .mp4 files")
     synth.add_argument("--mp4-out", help="folder for the .mp4 files (default: OUT/mp4)")
-    synth.add_argument("--samples-per-shard", type=int, default=5000)
+    synth.add_argument("--samples-per-shard", type=int, default=350,
+                       help="samples per shard (default: 350: 8 train shards at the default size, enough for 2 workers x 2 loader workers)")
 
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone with a pretext task on Ray Train", epilog=OVERRIDE_HELP)
     pretrain.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")

@@ -10,7 +10,9 @@ s3:// and any other installed protocol (`read_shards`).
 """
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -346,8 +348,9 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def eval_item(sample: dict) -> tuple[torch.Tensor, int, str]:
-    return sample["image"], sample["label"], sample["key"]
+def eval_item(sample: dict, field: str = "image") -> tuple[torch.Tensor, int, str]:
+    """(the sample's `field`: "image", or "audio" for the audio side of an AV dataset, label, key)."""
+    return sample[field], sample["label"], sample["key"]
 
 
 def collate(items: list) -> tuple:
@@ -406,21 +409,32 @@ def eval_loader(
     loader_workers: int,
     pin_memory: bool = False,
     bad_samples: BadSamples | None = None,
+    field: str = "image",
 ) -> wds.WebLoader:
     """Every good sample of this rank's shards exactly once as `(images, labels, keys)` batches
-    (bad ones are skipped and counted in `loader.bad_samples`, or raise under the strict policy)."""
+    (`field="audio"`: the waveforms instead of the frames; bad samples are skipped and counted in
+    `loader.bad_samples`, or raise under the strict policy)."""
     policy = bad_samples or BadSamples()
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
         read_shards(handler=policy.shard_failed),
         wds.map(policy.decode(decoder)),
         wds.select(is_sample),
-        wds.map(eval_item),
+        wds.map(functools.partial(eval_item, field=field)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = make_loader(pipeline, loader_workers, pin_memory)
     loader.bad_samples = policy
     return loader
+
+
+def first_decoded(urls: list[str], decoder: ImageDecoder, count: int, bad_samples: BadSamples | None = None) -> list[dict]:
+    """The first `count` good samples of the shards, in order, as the decoder's whole dicts (image,
+    label, key, and audio, video, time for AV data), in this process."""
+    policy = bad_samples or BadSamples()
+    pipeline = wds.DataPipeline(EvalShards(urls, 0, 1), read_shards(handler=policy.shard_failed), wds.map(policy.decode(decoder)),
+                                wds.select(is_sample))
+    return list(itertools.islice(iter(pipeline), count))
 
 
 def decoder_for(manifest: dict, split: str, image_size: int, require_label: bool = False) -> ImageDecoder:

@@ -19,8 +19,9 @@ EXAMPLES = "examples.png"
 
 def first_samples(cfg: Config, count: int) -> list[dict]:
     """The first `count` good samples of the training split, in shard order, decoded as the training
-    loader decodes them: {"image": normalized (C, H, W), "label", "key"}."""
-    from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, eval_loader
+    loader decodes them: {"image": normalized (C, H, W), "label", "key"} (+ "audio", "video", "time"
+    for audio-visual data)."""
+    from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, first_decoded
     from pipeline.shards import read_manifest, split_urls
 
     if count < 1:
@@ -28,13 +29,11 @@ def first_samples(cfg: Config, count: int) -> list[dict]:
     manifest = read_manifest(cfg.data.root)
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
-    # The eval loader reads shards in order, once, in this process: the same samples every time.
-    loader = eval_loader(urls, 0, 1, decoder, batch_size=count, loader_workers=0, bad_samples=BadSamples.for_config(cfg.data))
-    batch = next(iter(loader), None)
-    if batch is None:
+    # Shards in order, once, in this process: the same samples every time.
+    samples = first_decoded(urls, decoder, count, BadSamples.for_config(cfg.data))
+    if not samples:
         raise ShardError(f"split {cfg.data.train_split!r} of {cfg.data.root} has no readable sample to draw")
-    images, labels, keys = batch
-    return [{"image": image, "label": int(label), "key": key} for image, label, key in zip(images, labels, keys)]
+    return samples
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import inspect
 
+from pretext.av_contrastive import AVContrastive
+from pretext.avc import AVC
 from pretext.base import PretextTask
 from pretext.colorization import Colorization
 from pretext.context_encoder import ContextEncoder
@@ -28,6 +30,8 @@ TASKS: dict[str, type[PretextTask]] = {
     "denoising_autoencoder": DenoisingAutoencoder,
     "context_encoder": ContextEncoder,
     "multitask": MultiTask,
+    "avc": AVC,
+    "av_contrastive": AVContrastive,
     # Generative objectives: same registry, same pretrain and eval commands.
     "vae": VAE,
     "gan": GAN,

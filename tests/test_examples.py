@@ -18,6 +18,7 @@ from pretext.colorization import lab_to_rgb, rgb_to_lab
 from pretext.grids import CAPTION_LINES, CELL, LINE_HEIGHT, MOSAIC_GAP, PAD, Panel, layout, panel_geometry, save_panels
 from tests import test_colorization
 from tests.conftest import TINY_BACKBONE
+from tests.test_av_tasks import AV_OPTIONS
 from tests.test_tasks import BACKBONES, IMAGE_SIZE, data_channels, make_task, sample_dicts
 
 COUNT = 8
@@ -28,6 +29,7 @@ GRID = {
     "denoising_autoencoder": (8, 2), "context_encoder": (8, 2),  # two per sample, four samples a line
     "multitask": (8, 3),  # rotation's line, then exemplar's two
     "vae": (3, 1), "gan": (2, 1), "bigan": (3, 1),  # their write_figures grids, one cell each
+    "avc": (6, 4), "av_contrastive": (8, 2),  # frame + matching (+ mismatching) spectrogram
 }
 
 # Fewer jigsaw permutations: choosing 100 from all 9! takes seconds.
@@ -45,9 +47,24 @@ def rgb_shards(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def av_shards(tmp_path_factory):
+    """Procedural audio-visual clips (16 px frames, 1 s of 16 kHz audio each) for the AV tasks."""
+    from pipeline.av_synth import write_av_synth
+
+    root = tmp_path_factory.mktemp("av-shards")
+    write_av_synth(root, clips=8, classes=2, duration=2.0, image_size=IMAGE_SIZE, test_fraction=0.25, samples_per_shard=4)
+    return root
+
+
+def is_audio_visual(name: str) -> bool:
+    return "audio" in getattr(TASKS[name], "modalities", ())
+
+
 def task_config(root, name: str, run_dir) -> Config:
+    options = {**FAST.get(name, {}), **(AV_OPTIONS if is_audio_visual(name) else {})}
     return Config.from_dict({"run_dir": str(run_dir), "data": {"root": str(root)}, "model": BACKBONES.get(name, TINY_BACKBONE),
-                             "task": {"name": name, "options": FAST.get(name, {})}, "scaling": {"num_workers": 1}})
+                             "task": {"name": name, "options": options}, "scaling": {"num_workers": 1}})
 
 
 def read(path) -> np.ndarray:
@@ -68,8 +85,9 @@ def drawn(panel: Panel, scale: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_every_task_writes_an_examples_png_of_its_panels(name, shards, rgb_shards, tmp_path):
-    cfg = task_config(rgb_shards if data_channels(name) == 3 else shards, name, tmp_path / "run")
+def test_every_task_writes_an_examples_png_of_its_panels(name, shards, rgb_shards, av_shards, tmp_path):
+    root = av_shards if is_audio_visual(name) else rgb_shards if data_channels(name) == 3 else shards
+    cfg = task_config(root, name, tmp_path / "run")
     path = write_examples(cfg, tmp_path / EXAMPLES, COUNT)
     assert path == tmp_path / EXAMPLES and path.is_file()
     pixels = read(path)

@@ -11,12 +11,21 @@ from pipeline.train import autocast_factory
 from pretext import TASKS, check_task_options, create_task
 from pretext.rotation import Rotation, rotate
 from tests.conftest import TINY_BACKBONE, synthetic_images
+from tests.test_av_tasks import AV_OPTIONS, AV_SAMPLES, av_sample_dicts
 
 IMAGE_SIZE = 16
 
 
+def modalities(name: str) -> tuple[str, ...]:
+    """What a task's decoded samples must hold: ("image",), or ("image", "audio") for audio-visual tasks."""
+    return getattr(TASKS[name], "modalities", ("image",))
+
+
 def data_channels(name: str) -> int:
-    """Grayscale data, except for tasks that refuse it (colorization needs RGB)."""
+    """Grayscale data, except for tasks that refuse it (colorization needs RGB) and audio-visual
+    tasks (video frames are RGB)."""
+    if "audio" in modalities(name):
+        return 3
     try:
         TASKS[name].encoder_in_chans(1)
         return 1
@@ -26,13 +35,15 @@ def data_channels(name: str) -> int:
 
 # Tasks that need their own kind of backbone (PixelCNN's masked convolutions).
 BACKBONES = {"pixelcnn": {"backbone": "pixelcnn", "backbone_kwargs": {"width": 4, "depth": 2}}}
+# Tasks' own networks made tiny as TINY_BACKBONE (the audio-visual tasks' audio CNN).
+OPTIONS = {name: AV_OPTIONS for name in TASKS if "audio" in modalities(name)}
 
 
 def make_task(name: str, **options):
     torch.manual_seed(0)
     channels = data_channels(name)
     encoder = create_backbone(ModelConfig(**BACKBONES.get(name, TINY_BACKBONE)), in_chans=TASKS[name].encoder_in_chans(channels))
-    return create_task(name, encoder=encoder, in_chans=channels, image_size=IMAGE_SIZE, **options)
+    return create_task(name, encoder=encoder, in_chans=channels, image_size=IMAGE_SIZE, **{**OPTIONS.get(name, {}), **options})
 
 
 def sample_dicts(count: int = 16, channels: int = 1) -> list[dict]:
@@ -44,9 +55,17 @@ def sample_dicts(count: int = 16, channels: int = 1) -> list[dict]:
     ]
 
 
+def task_samples(task, count: int) -> list[dict]:
+    """Decoded samples of the kind the task reads: images, or frames with audio and clip ids
+    (two samples per clip, so batches hold repeated clips)."""
+    if "audio" in getattr(task, "modalities", ("image",)):
+        return av_sample_dicts(count, channels=task.in_chans, size=IMAGE_SIZE)
+    return sample_dicts(count, task.in_chans)
+
+
 def fixed_batch(task, count: int = 16):
     transform = task.sample_transform()
-    return collate([transform(s) for s in sample_dicts(count, task.in_chans)])
+    return collate([transform(s) for s in task_samples(task, count)])
 
 
 # Exact likelihoods cannot fall far: the glyphs' uniform background noise (40 levels) alone costs
@@ -67,9 +86,12 @@ def leaves(value) -> dict:
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_transform_outputs_tensors(name):
     task = make_task(name)
-    inputs, target = task.sample_transform()(sample_dicts(1, task.in_chans)[0])
+    inputs, target = task.sample_transform()(task_samples(task, 1)[0])
     for path, tensor in leaves(inputs).items():
         assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32, path
+        if path == "audio/" and "audio" in modalities(name):
+            assert tensor.shape == (1, AV_SAMPLES), (path, tensor.shape)  # the waveform, as decoded
+            continue
         side = INPUT_SIZES.get(path.split("/")[0] or name, IMAGE_SIZE)
         assert tensor.shape[-2:] == (side, side), (path, tensor.shape)
     assert all(isinstance(t, torch.Tensor) for t in leaves(target).values())
