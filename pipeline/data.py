@@ -348,6 +348,40 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+class GroupFrames:
+    """Pipeline stage of the temporal tasks: consecutive decoded samples of one clip become one
+    sample {"frames": (T, C, H, W) in time order, "time": (T,) seconds, "video", "label", "key" (the
+    first frame's)}, T = `frames`.
+
+    Video shards keep a clip's samples contiguous and in time order (pipeline/video.py, av_synth.py),
+    so a run of samples with the same "video" and rising "time" is one clip. A run ends where the
+    video changes or time does not rise (another shard, or the same shard again on the next pass),
+    so a group never mixes clips. A clip cut by a shard boundary is joined only when the next shard
+    read continues it in time order, which is still one clip in order. Runs are cut into
+    consecutive, non-overlapping groups of T; a remainder shorter than T is dropped.
+    """
+
+    def __init__(self, frames: int):
+        if frames < 2:
+            raise ValueError(f"frames_per_sample={frames}: a frame group needs at least 2 frames")
+        self.frames = frames
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        run: list[dict] = []
+        for sample in samples:
+            if "video" not in sample or "time" not in sample:
+                raise ShardError(f"sample {sample.get('key', '?')!r} has no clip id and time (\"video\", \"time\"): tasks that "
+                                 "read several frames of a clip need video shards (`sslpipe data video` or `data av-synth`)")
+            if run and (sample["video"] != run[-1]["video"] or sample["time"] <= run[-1]["time"]):
+                run = []
+            run.append(sample)
+            if len(run) == self.frames:
+                yield {"frames": torch.stack([s["image"] for s in run]),
+                       "time": torch.tensor([s["time"] for s in run], dtype=torch.float64),
+                       "video": run[0]["video"], "label": run[0]["label"], "key": run[0]["key"]}
+                run = []
+
+
 def eval_item(sample: dict, field: str = "image") -> tuple[torch.Tensor, int, str]:
     """(the sample's `field`: "image", or "audio" for the audio side of an AV dataset, label, key)."""
     return sample[field], sample["label"], sample["key"]
@@ -381,17 +415,23 @@ def train_loader(
     seed: int,
     pin_memory: bool = False,
     bad_samples: BadSamples | None = None,
+    frames_per_sample: int = 0,
 ) -> wds.WebLoader:
     """An endless stream of collated `(inputs, target)` batches of `batch_size` for this rank;
-    `loader.bad_samples` holds the bad-input policy and its counts, `loader.rank_shards` its shards."""
+    `loader.bad_samples` holds the bad-input policy and its counts, `loader.rank_shards` its shards.
+    `frames_per_sample` > 0 (temporal tasks): the transform gets groups of that many frames of one
+    clip (`GroupFrames`) instead of single samples."""
     policy = bad_samples or BadSamples()
     shards = TrainShards(urls, rank, world_size, seed)
+    shuffle = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank)
+    decode = [wds.map(policy.decode(decoder)), wds.select(is_sample)]
+    # Frames are grouped in shard order (a clip's samples are contiguous there), so that path decodes
+    # before the shuffle buffer, which then mixes whole groups; every other task keeps raw-sample shuffling.
+    stages = [*decode, GroupFrames(frames_per_sample), shuffle] if frames_per_sample else [shuffle, *decode]
     pipeline = wds.DataPipeline(
         shards,
         read_shards(handler=policy.shard_failed),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=seed * 1000 + rank),
-        wds.map(policy.decode(decoder)),
-        wds.select(is_sample),
+        *stages,
         wds.map(transform),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

@@ -131,7 +131,7 @@ def train_worker(cfg: Config, session) -> dict:
     loader = train_loader(
         urls, session.rank, session.world_size, decoder, task.sample_transform(), batch_size,
         cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
-        bad_samples=BadSamples.for_config(cfg.data),
+        bad_samples=BadSamples.for_config(cfg.data), frames_per_sample=getattr(task, "frames_per_sample", 0),
     )
     write_worker_record(run_dir, session, loader.rank_shards)
     metrics_log = MetricsLog(run_dir, open_trackers(cfg, start)) if session.rank == 0 else None

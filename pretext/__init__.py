@@ -16,8 +16,10 @@ from pretext.exemplar import Exemplar
 from pretext.gan import GAN
 from pretext.jigsaw import Jigsaw
 from pretext.multitask import MultiTask
+from pretext.odd_one_out import OddOneOut
 from pretext.pixelcnn import PixelCNN
 from pretext.rotation import Rotation
+from pretext.temporal_order import TemporalOrder
 from pretext.vae import VAE
 
 TASKS: dict[str, type[PretextTask]] = {
@@ -32,6 +34,9 @@ TASKS: dict[str, type[PretextTask]] = {
     "multitask": MultiTask,
     "avc": AVC,
     "av_contrastive": AVContrastive,
+    # Temporal tasks: several frames of one clip per sample (their frames_per_sample).
+    "temporal_order": TemporalOrder,
+    "odd_one_out": OddOneOut,
     # Generative objectives: same registry, same pretrain and eval commands.
     "vae": VAE,
     "gan": GAN,

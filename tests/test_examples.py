@@ -30,6 +30,8 @@ GRID = {
     "multitask": (8, 3),  # rotation's line, then exemplar's two
     "vae": (3, 1), "gan": (2, 1), "bigan": (3, 1),  # their write_figures grids, one cell each
     "avc": (6, 4), "av_contrastive": (8, 2),  # frame + matching (+ mismatching) spectrogram
+    # 8 samples hold one group of 5 frames of a clip: its 3 tuple frames, or its 6 tuples.
+    "temporal_order": (3, 1), "odd_one_out": (6, 1),
 }
 
 # Fewer jigsaw permutations: choosing 100 from all 9! takes seconds.
@@ -54,6 +56,16 @@ def av_shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("av-shards")
     write_av_synth(root, clips=8, classes=2, duration=2.0, image_size=IMAGE_SIZE, test_fraction=0.25, samples_per_shard=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory):
+    """Procedural clips of 5 frames (3 s at 2 fps) for the temporal tasks, which group 5 frames of a clip."""
+    from pipeline.av_synth import write_av_synth
+
+    root = tmp_path_factory.mktemp("video-shards")
+    write_av_synth(root, clips=4, classes=2, duration=3.0, image_size=IMAGE_SIZE, test_fraction=0.25, samples_per_shard=4)
     return root
 
 
@@ -85,8 +97,11 @@ def drawn(panel: Panel, scale: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_every_task_writes_an_examples_png_of_its_panels(name, shards, rgb_shards, av_shards, tmp_path):
-    root = av_shards if is_audio_visual(name) else rgb_shards if data_channels(name) == 3 else shards
+def test_every_task_writes_an_examples_png_of_its_panels(name, shards, rgb_shards, av_shards, video_shards, tmp_path):
+    if getattr(TASKS[name], "frames_per_sample", 0):
+        root = video_shards
+    else:
+        root = av_shards if is_audio_visual(name) else rgb_shards if data_channels(name) == 3 else shards
     cfg = task_config(root, name, tmp_path / "run")
     path = write_examples(cfg, tmp_path / EXAMPLES, COUNT)
     assert path == tmp_path / EXAMPLES and path.is_file()

@@ -12,6 +12,7 @@ from pretext import TASKS, check_task_options, create_task
 from pretext.rotation import Rotation, rotate
 from tests.conftest import TINY_BACKBONE, synthetic_images
 from tests.test_av_tasks import AV_OPTIONS, AV_SAMPLES, av_sample_dicts
+from tests.test_temporal_tasks import frame_group_dicts
 
 IMAGE_SIZE = 16
 
@@ -56,8 +57,11 @@ def sample_dicts(count: int = 16, channels: int = 1) -> list[dict]:
 
 
 def task_samples(task, count: int) -> list[dict]:
-    """Decoded samples of the kind the task reads: images, or frames with audio and clip ids
-    (two samples per clip, so batches hold repeated clips)."""
+    """Decoded samples of the kind the task reads: images, frames with audio and clip ids (two
+    samples per clip, so batches hold repeated clips), or groups of frames of one clip for the
+    temporal tasks (what the loader's grouping stage yields for their `frames_per_sample`)."""
+    if getattr(task, "frames_per_sample", 0):
+        return frame_group_dicts(count, task.frames_per_sample, channels=task.in_chans, size=IMAGE_SIZE)
     if "audio" in getattr(task, "modalities", ("image",)):
         return av_sample_dicts(count, channels=task.in_chans, size=IMAGE_SIZE)
     return sample_dicts(count, task.in_chans)
