@@ -19,8 +19,15 @@ def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
     import psutil
 
-    titled = {proc.info["pid"] for proc in psutil.process_iter(["pid", "cmdline"])
-              if " ".join(proc.info["cmdline"] or []).startswith("ray::RayTrainWorker")}
+    # Only this test session's Ray (its raylet is a child of this process): another Ray job on the
+    # same machine (a benchmark, a second checkout's tests) must not be counted or killed.
+    titled = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline() or []).startswith("ray::RayTrainWorker"):
+                titled.add(proc.pid)
+        except psutil.Error:  # exited meanwhile
+            pass
     # Their DataLoader processes are forked from them and inherit the title: keep the parents only.
     return sorted(pid for pid in titled if psutil.Process(pid).ppid() not in titled)
 
