@@ -25,6 +25,15 @@ def clip_of(key: str) -> str:
     return key.rsplit("_", 1)[0]
 
 
+def audio_decoder(manifest: dict, cfg, require_label: bool) -> ImageDecoder:
+    """Decodes the waveforms (and frames) of an AV dataset for the audio network."""
+    if not manifest.get("audio"):
+        raise ValueError(f"task {cfg.task.name!r} is audio-visual but dataset {manifest.get('name', '?')!r} has no audio in its manifest")
+    info = manifest["splits"][cfg.data.train_split]
+    return ImageDecoder(manifest["mode"], info["image_size"][0] if info["image_size"] else 0, info["mean"], info["std"],
+                        require_label=require_label, num_classes=len(manifest.get("classes") or []), audio=manifest["audio"])
+
+
 def audio_features(model, splits: dict, decoder: ImageDecoder, cfg, device, manifest, name: str) -> dict[str, Features]:
     return {
         split: extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device, desc=f"{name} {split}",
@@ -37,11 +46,7 @@ def audio_features(model, splits: dict, decoder: ImageDecoder, cfg, device, mani
 def evaluate_audio_visual(task, cfg, splits: dict, manifest: dict, image_test: Features, device, score) -> dict:
     """`image_test`: the pretrained backbone's test features (sorted by key, as extract_features
     returns them); `score(train, test, cfg)` is the eval stage's kNN + linear scorer."""
-    if not manifest.get("audio"):
-        raise ValueError(f"task {cfg.task.name!r} is audio-visual but dataset {manifest.get('name', '?')!r} has no audio in its manifest")
-    info = manifest["splits"][cfg.data.train_split]
-    decoder = ImageDecoder(manifest["mode"], info["image_size"][0] if info["image_size"] else 0, info["mean"], info["std"],
-                           require_label=True, num_classes=len(manifest.get("classes") or []), audio=manifest["audio"])
+    decoder = audio_decoder(manifest, cfg, require_label=True)
     task = task.to(device).eval()
     rows, features = {}, {}
     features["pretrained_audio"] = audio_features(task.audio_feature_extractor(), splits, decoder, cfg, device, manifest, "audio")

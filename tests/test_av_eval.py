@@ -49,3 +49,31 @@ def test_audio_visual_run_is_evaluated_on_both_modalities_with_retrieval(av_data
     assert ("correspondence_accuracy" in av) == (task == "avc")
     text = (Path(cfg.run_dir) / "eval" / "results.md").read_text()
     assert "pretrained audio network" in text and "image to audio" in text
+
+    # Both modalities export: frame and audio features of the same samples, and the audio network
+    # as a timm model whose features equal the task's audio features.
+    import numpy as np
+    import timm
+    import torch
+
+    from eval.export import export_backbone, export_features
+    from pretext.audio import LogMel
+
+    out = tmp_path / "export"
+    counts = export_features(cfg.run_dir, out, splits=["test"], device="cpu")
+    frames, audio = np.load(out / "test_features.npy"), np.load(out / "test_audio_features.npy")
+    assert len(frames) == len(audio) == counts["test"]
+    export_backbone(cfg.run_dir, out)
+    usage = json.loads((out / "audio_network.json").read_text())
+    network = timm.create_model(usage["model_name"], **usage["create_model_kwargs"],
+                                pretrained_cfg_overlay=usage["pretrained_cfg_overlay"]).eval()
+    frontend = LogMel(**{k: usage["log_mel"][k] for k in ("sample_rate", "n_mels", "window_ms", "hop_ms")})
+    from pipeline.data import decoder_for, first_decoded
+    from pipeline.shards import read_manifest, split_urls
+
+    manifest = read_manifest(av_data)
+    sample = first_decoded(split_urls(av_data, manifest, "test"), decoder_for(manifest, "test", 0), 1)[0]
+    keys = (out / "test_keys.txt").read_text().split()
+    with torch.no_grad():
+        mine = network(frontend(sample["audio"][None]))[0].numpy()
+    np.testing.assert_allclose(mine, audio[keys.index(sample["key"])], rtol=1e-4, atol=1e-4)
