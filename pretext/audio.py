@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretext.base import PretextTask
+
 from pretext.grids import CELL
 
 # The front end's defaults follow VGGish / AudioSet practice: 64 mel bands, 25 ms Hann windows every 10 ms.
@@ -203,3 +205,29 @@ def spectrogram_picture(frontend: LogMel, wave: Tensor, side: int) -> Tensor:
     picture = (logmel - low) / (high - low).clamp(min=1e-8)
     side = min(max(side, 32), CELL)
     return F.interpolate(picture[None], size=(side, side), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+class AudioVisualTask(PretextTask):
+    """What the audio-visual tasks share: samples with frames and audio (`modalities`), the pair
+    transform, the audio network (`self.audio_encoder`, set by the subclass) and how eval rebuilds it."""
+
+    modalities = ("image", "audio")  # what the decoded samples must hold (tests and pipeline read this)
+    transform: AudioVisualPair
+    audio_encoder: AudioEncoder
+
+    def sample_transform(self) -> AudioVisualPair:
+        return AudioVisualPair(self.transform.flip, self.transform.gain_db)
+
+    def audio_feature_extractor(self) -> nn.Module:
+        """Waveforms (B, 1, S) -> pooled audio features (B, D): log-mel front end and audio CNN."""
+        return self.audio_encoder
+
+    def encoder_input(self, decoded: dict) -> dict:
+        # Eval decodes frames as for any image backbone. The audio network's settings go alongside,
+        # apart from the data's "audio" entry, so a front end built for another rate shows.
+        return {**decoded, "modalities": list(self.modalities), "audio_encoder": self.audio_encoder.describe("audio_encoder.")}
+
+    @property
+    def audio_encoder_options(self) -> dict:
+        """`create_audio_encoder` keyword arguments of this task's audio network (eval's random-init baseline)."""
+        return self.audio_encoder.options()

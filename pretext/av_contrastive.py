@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretext.audio import AudioVisualPair, create_audio_encoder, spectrogram_picture
-from pretext.base import PretextTask
+from pretext.audio import AudioVisualPair, AudioVisualTask, create_audio_encoder, spectrogram_picture
 from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.losses import info_nce
 
 
-class AVContrastive(PretextTask):
+class AVContrastive(AudioVisualTask):
     """Image and audio embeddings (backbone + projection head each) trained with cross-modal
     InfoNCE, image -> audio and audio -> image, averaged. With `gather`, the candidates are the
     audio (or frames) of every worker's batch, with gradients flowing back through the gather.
@@ -41,8 +40,6 @@ class AVContrastive(PretextTask):
         gain_db: random attenuation of the audio, up to this many dB (0: none).
     """
 
-    modalities = ("image", "audio")  # what the decoded samples must hold (tests and pipeline read this)
-
     def __init__(self, encoder: nn.Module, temperature: float = 0.1, proj_dim: int = 128, proj_hidden: list[int] = (512,),
                  gather: bool = True, sample_rate: int = 16000, n_mels: int = 64, window_ms: float = 25.0, hop_ms: float = 10.0,
                  audio_backbone: str = "resnet18", audio_backbone_kwargs: dict | None = None, flip: bool = True,
@@ -55,23 +52,6 @@ class AVContrastive(PretextTask):
         self.image_head = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
         self.audio_head = MLPHead(self.audio_encoder.num_features, proj_dim, tuple(proj_hidden))
         self.transform = AudioVisualPair(flip, gain_db)  # checked here, so bad options fail when the task is built
-
-    def sample_transform(self) -> AudioVisualPair:
-        return AudioVisualPair(self.transform.flip, self.transform.gain_db)
-
-    def audio_feature_extractor(self) -> nn.Module:
-        """Waveforms (B, 1, S) -> pooled audio features (B, D): log-mel front end and audio CNN."""
-        return self.audio_encoder
-
-    def encoder_input(self, decoded: dict) -> dict:
-        # Eval decodes frames as for any image backbone. The audio network's settings go alongside,
-        # apart from the data's "audio" entry, so a front end built for another rate shows.
-        return {**decoded, "modalities": list(self.modalities), "audio_encoder": self.audio_encoder.describe("audio_encoder.")}
-
-    @property
-    def audio_encoder_options(self) -> dict:
-        """`create_audio_encoder` keyword arguments of this task's audio network (eval's random-init baseline)."""
-        return self.audio_encoder.options()
 
     @torch.no_grad()
     def cross_modal_scores(self, image_features: Tensor, audio_features: Tensor) -> Tensor:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretext.audio import AudioVisualPair, create_audio_encoder, spectrogram_picture
-from pretext.base import PretextTask
+from pretext.audio import AudioVisualPair, AudioVisualTask, create_audio_encoder, spectrogram_picture
 from pretext.grids import Panel
 from pretext.heads import MLPHead
 
@@ -48,7 +47,7 @@ def correspondence_pairs(clips: Tensor, generator: torch.Generator | None = None
     return torch.cat([own, own]), torch.cat([own, partner]), labels
 
 
-class AVC(PretextTask):
+class AVC(AudioVisualTask):
     """Audio-visual correspondence: a 2-way classifier on [frame embedding, audio embedding], trained
     with cross-entropy (the binary cross-entropy of corresponds / does not) on every frame paired
     with its own audio and with another clip's audio (`correspondence_pairs`).
@@ -69,8 +68,6 @@ class AVC(PretextTask):
         gain_db: random attenuation of the audio, up to this many dB (0: none).
     """
 
-    modalities = ("image", "audio")  # what the decoded samples must hold (tests and pipeline read this)
-
     def __init__(self, encoder: nn.Module, sample_rate: int = 16000, n_mels: int = 64, window_ms: float = 25.0, hop_ms: float = 10.0,
                  audio_backbone: str = "resnet18", audio_backbone_kwargs: dict | None = None, fusion_hidden: list[int] = (128,),
                  flip: bool = True, gain_db: float = 6.0, **kwargs):
@@ -78,23 +75,6 @@ class AVC(PretextTask):
         self.audio_encoder = create_audio_encoder(audio_backbone, sample_rate, n_mels, window_ms, hop_ms, **(audio_backbone_kwargs or {}))
         self.fusion = MLPHead(self.embed_dim + self.audio_encoder.num_features, 2, tuple(fusion_hidden))
         self.transform = AudioVisualPair(flip, gain_db)  # checked here, so bad options fail when the task is built
-
-    def sample_transform(self) -> AudioVisualPair:
-        return AudioVisualPair(self.transform.flip, self.transform.gain_db)
-
-    def audio_feature_extractor(self) -> nn.Module:
-        """Waveforms (B, 1, S) -> pooled audio features (B, D): log-mel front end and audio CNN."""
-        return self.audio_encoder
-
-    def encoder_input(self, decoded: dict) -> dict:
-        # Eval decodes frames as for any image backbone. The audio network's settings go alongside,
-        # apart from the data's "audio" entry, so a front end built for another rate shows.
-        return {**decoded, "modalities": list(self.modalities), "audio_encoder": self.audio_encoder.describe("audio_encoder.")}
-
-    @property
-    def audio_encoder_options(self) -> dict:
-        """`create_audio_encoder` keyword arguments of this task's audio network (eval's random-init baseline)."""
-        return self.audio_encoder.options()
 
     def fuse(self, image_features: Tensor, audio_features: Tensor) -> Tensor:
         """(N, 2) logits [does not correspond, corresponds] of N (frame, audio) feature pairs."""
