@@ -10,7 +10,7 @@ import torch
 
 from eval.features import Features, extract_features
 from eval.retrieval import ranks_from_scores
-from pipeline.data import BadSamples, ImageDecoder
+from pipeline.data import BadSamples, ImageDecoder, decoder_for
 from pretext.audio import clip_code
 
 log = logging.getLogger("sslpipe.eval")
@@ -29,9 +29,7 @@ def audio_decoder(manifest: dict, cfg, require_label: bool) -> ImageDecoder:
     """Decodes the waveforms (and frames) of an AV dataset for the audio network."""
     if not manifest.get("audio"):
         raise ValueError(f"task {cfg.task.name!r} is audio-visual but dataset {manifest.get('name', '?')!r} has no audio in its manifest")
-    info = manifest["splits"][cfg.data.train_split]
-    return ImageDecoder(manifest["mode"], info["image_size"][0] if info["image_size"] else 0, info["mean"], info["std"],
-                        require_label=require_label, num_classes=len(manifest.get("classes") or []), audio=manifest["audio"])
+    return decoder_for(manifest, cfg.data.train_split, cfg.data.image_size, require_label)
 
 
 def audio_features(model, splits: dict, decoder: ImageDecoder, cfg, device, manifest, name: str) -> dict[str, Features]:
