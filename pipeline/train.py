@@ -142,6 +142,7 @@ def train_worker(cfg: Config, session) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start + 1, total + 1):
         batch = to_device(next(batches), device, channels_last)
+        task.set_progress(step, total)
         out = task.train_step(batch, optimizers, scaler, autocast)
         for scheduler in schedulers.values():
             scheduler.step()

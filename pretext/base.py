@@ -37,6 +37,9 @@ class PretextTask(nn.Module):
         # under Ray. Set with object.__setattr__ so nn.Module does not register it as a child
         # (a DDP child holding `self` would make .modules() recurse forever).
         object.__setattr__(self, "_forward_module", self)
+        # Where training stands (set by the loop before every step): the schedules of momentum
+        # encoders, temperatures and frozen prototypes read it.
+        self.current_step, self.total_steps = 0, 1
 
     @property
     def embed_dim(self) -> int:
@@ -79,6 +82,15 @@ class PretextTask(nn.Module):
         scaler.update()
         self.after_step()
         return out
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the training loop before step `step` (1-based) of `total_steps`."""
+        self.current_step, self.total_steps = step, total_steps
+
+    @property
+    def progress(self) -> float:
+        """The fraction of training done before this step, 0 at the first step."""
+        return (self.current_step - 1) / max(self.total_steps, 1) if self.current_step else 0.0
 
     def after_step(self) -> None:
         """Runs after every optimizer step (momentum encoders update here)."""

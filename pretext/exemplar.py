@@ -3,48 +3,16 @@ augmented views (Dosovitskiy et al., NeurIPS 2014, reformulated as metric learni
 Wu et al. 2018 and Chen et al., SimCLR, 2020; loss: van den Oord et al. 2018)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
 from torch import Tensor, nn
 
+from pretext.augment import TwoViews
 from pretext.base import PretextTask
 from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.losses import gather_with_grad, info_nce
-
-
-class IntensityJitter:
-    """Random contrast and brightness on a normalized tensor (grayscale stand-in for colour jitter)."""
-
-    def __init__(self, strength: float, p: float):
-        self.strength, self.p = strength, p
-
-    def __call__(self, image: Tensor) -> Tensor:
-        if torch.rand(()) >= self.p:
-            return image
-        contrast = 1 + (torch.rand(()) * 2 - 1) * self.strength
-        brightness = (torch.rand(()) * 2 - 1) * self.strength
-        return image * contrast + brightness
-
-
-class TwoViews:
-    """Per-sample transform: two independently augmented views, stacked (2, C, H, W)."""
-
-    def __init__(self, size: int, channels: int, crop_scale: tuple[float, float], jitter: float):
-        steps: list = [T.RandomResizedCrop(size, scale=crop_scale, antialias=True), T.RandomHorizontalFlip()]
-        if channels == 3:
-            steps += [T.RandomApply([T.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8), T.RandomGrayscale(p=0.2)]
-        else:
-            steps.append(IntensityJitter(jitter, p=0.8))
-        self.augment = T.Compose(steps)
-
-    def __call__(self, sample: dict) -> tuple[Tensor, Tensor]:
-        image = sample["image"]
-        # The target is unused: the pairing inside the batch is the supervision.
-        return torch.stack([self.augment(image), self.augment(image)]), torch.tensor(0)
+from pretext.momentum import ema_update_, momentum_copy
 
 
 class Exemplar(PretextTask):
@@ -76,8 +44,8 @@ class Exemplar(PretextTask):
         self.head = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
         self.queue_size, self.key_momentum = queue_size, key_momentum
         if queue_size:
-            self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-            self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+            self.key_encoder = momentum_copy(self.encoder)
+            self.key_head = momentum_copy(self.head)
             self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
             self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
 
@@ -118,8 +86,5 @@ class Exemplar(PretextTask):
         if not self.queue_size:
             return
         # The key encoder trails the online one: an exponential moving average of its weights.
-        for online, key in ((self.encoder, self.key_encoder), (self.head, self.key_head)):
-            for p_online, p_key in zip(online.parameters(), key.parameters()):
-                p_key.lerp_(p_online.detach(), 1 - self.key_momentum)
-            for b_online, b_key in zip(online.buffers(), key.buffers()):
-                b_key.copy_(b_online)
+        ema_update_(self.key_encoder, self.encoder, self.key_momentum)
+        ema_update_(self.key_head, self.head, self.key_momentum)

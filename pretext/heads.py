@@ -8,15 +8,19 @@ from torch import Tensor, nn
 
 
 class MLPHead(nn.Sequential):
-    """Linear -> BatchNorm -> ReLU blocks, then a final Linear (hidden_dims=() gives a linear head)."""
+    """Linear -> BatchNorm -> ReLU blocks, then a final Linear (hidden_dims=() gives a linear head):
+    the projectors and predictors of SimCLR, BYOL, Barlow Twins and VICReg. `last_norm` adds a
+    BatchNorm after the final Linear (SimSiam's projector; its bias is then redundant and dropped)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dims: tuple[int, ...] | list[int] = (512,)):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dims: tuple[int, ...] | list[int] = (512,), last_norm: bool = False):
         layers: list[nn.Module] = []
         dim = in_dim
         for hidden in hidden_dims:
             layers += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
             dim = hidden
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim, bias=not last_norm))
+        if last_norm:
+            layers.append(nn.BatchNorm1d(out_dim))
         super().__init__(*layers)
 
 

@@ -16,6 +16,28 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(dist_nn.all_gather(x), 0), dist.get_rank() * x.shape[0]
 
 
+def world_size() -> int:
+    """Processes in the data-parallel group (1 outside torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """`x` summed over all workers, without gradient (DINO's centre, SwAV's Sinkhorn sums); `x`
+    itself outside torch.distributed."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def gather_global(x: Tensor) -> Tensor:
+    """The global batch (W*N, D) on every worker, gradients flowing back to each row's owner:
+    losses over batch statistics (Barlow Twins, VICReg) computed on it equal one process's loss on
+    the whole batch, and DDP's gradient average gives that process's gradient."""
+    return gather_with_grad(x)[0]
+
+
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool = False,
              query_negatives: bool = True, normalize: bool = True, extra_negatives: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """InfoNCE (van den Oord et al. 2018) for paired embeddings; returns (loss, top-1 accuracy).

@@ -84,6 +84,11 @@ class MultiTask(PretextTask):
         out["loss"] = total
         return out
 
+    def set_progress(self, step: int, total_steps: int) -> None:
+        super().set_progress(step, total_steps)
+        for task in self.tasks.values():
+            task.set_progress(step, total_steps)
+
     def after_step(self) -> None:
         for task in self.tasks.values():
             task.after_step()
