@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "import torch, torchvision, timm, ray, webdataset, sklearn; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| ray', ray.__version__, '| webdataset', webdataset.__version__)"
+	# lightly: the tests' reference for the joint-embedding losses (lightly.loss is plain torch).
+	# Without --no-deps its pytorch_lightning and hydra-core requirements sent pip's resolver
+	# backtracking for over 10 minutes (s3fs / aiobotocore / fsspec[http]); nothing else needs them.
+	$(BIN)/python -m pip install --quiet --no-deps 'lightly==1.6.0'
+	$(BIN)/python -c "import torch, torchvision, timm, ray, webdataset, sklearn, lightly.loss; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| ray', ray.__version__, '| webdataset', webdataset.__version__)"
 	touch $@
 
 demo: setup

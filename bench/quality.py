@@ -1,6 +1,13 @@
 """Representation quality of every pretext task under one compute budget, on Fashion-MNIST.
 
     python -m bench.quality [--budget-s 120] [--tasks rotation,exemplar,...] [--out runs/bench-quality]
+    python -m bench.quality --budget-s 1800 --tasks vicreg,byol,exemplar --out runs/bench-quality-1800
+
+With `--online-points N` (default 10 with budgets of 600 s or more, else 0) each run also logs
+online kNN N times over its pretraining (bank: eval.online_bank train images, queries:
+eval.online_queries test images), and OUT/quality_curve.png draws online kNN against pretraining
+wall time, one line per task, with raw pixels and the random-init backbone on the same subset as
+horizontal lines. A long run interrupted mid-task resumes from its last checkpoint.
 
 Each task runs its config (configs/<task>_fmnist.yaml: same backbone, data, workers and batch),
 pretrains under Ray Train for as many steps as its measured step time fits into the budget, then the
@@ -33,6 +40,15 @@ TASK_CONFIGS = {
     "denoising_autoencoder": "configs/denoising_autoencoder_fmnist.yaml",
     "context_encoder": "configs/context_encoder_fmnist.yaml",
     "multitask": "configs/multitask_fmnist.yaml",
+    # Joint-embedding methods (issue 14).
+    "byol": "configs/byol_fmnist.yaml",
+    "simsiam": "configs/simsiam_fmnist.yaml",
+    "barlow_twins": "configs/barlow_twins_fmnist.yaml",
+    "vicreg": "configs/vicreg_fmnist.yaml",
+    "dino": "configs/dino_fmnist.yaml",
+    "dino_vit": "configs/dino_vit_fmnist.yaml",
+    "swav": "configs/swav_fmnist.yaml",
+    "mae": "configs/mae_fmnist.yaml",
     # Refuses grayscale data: the row records the refusal.
     "colorization": "configs/colorization.yaml",
     # Generative objectives (issue 4): their rows add test bits/dim, and a sample-quality figure.
@@ -75,29 +91,55 @@ def step_seconds(cfg: Config, repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: list[str]) -> dict:
+def training_seconds(rows: list[dict]) -> list[float]:
+    """Seconds of training up to each metrics row, from the rows' wall clock; a gap far longer
+    than the usual interval (a stop and a resume) counts as one usual interval."""
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    usual = statistics.median(gaps) if gaps else 0.0
+    elapsed = [usual]
+    for gap in gaps:
+        elapsed.append(elapsed[-1] + (gap if gap <= 5 * usual else usual))
+    return elapsed
+
+
+def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: list[str], online_points: int = 0) -> dict:
     from eval.evaluate import evaluate
     from pipeline.launch import check_data, pretrain
     from pipeline.metrics import read_metrics
 
     run_dir = out / name
-    if run_dir.exists():
+    plan_file = run_dir / "bench_plan.json"
+    resume = online_points and plan_file.is_file() and any(run_dir.glob("**/checkpoint.pt"))
+    if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # a rerun starts clean: old metrics and checkpoints would mix in
     cfg = Config.load(TASK_CONFIGS[name], [f"--data.root={data_root}", f"--run_dir={run_dir}"])
     try:
         check_data(cfg)
     except ConfigError as err:
         return {"task": name, "refused": str(err)}
-    seconds = step_seconds(cfg)
-    steps = max(50, int(budget_s / seconds))
+    if resume:  # a long run stopped mid-task: the same plan, from its last checkpoint
+        plan = json.loads(plan_file.read_text())
+        log.info("%s: resuming the %d-step run in %s", name, plan["steps"], run_dir)
+    else:
+        seconds = step_seconds(cfg)
+        plan = {"steps": max(50, int(budget_s / seconds)), "step_ms": round(1000 * seconds)}
+        log.info("%s: %.0f ms per step -> %d steps in %.0f s", name, 1000 * seconds, plan["steps"], budget_s)
+    steps = plan["steps"]
     cfg.train.steps = steps
-    cfg.train.checkpoint_every = steps
+    # Long runs checkpoint as they go (a stop costs at most a tenth); the short table only at the end.
+    cfg.train.checkpoint_every = max(1, steps // 10) if online_points else steps
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, steps // 10)
-    log.info("%s: %.0f ms per step -> %d steps in %.0f s", name, 1000 * seconds, steps, budget_s)
+    cfg.eval.online_every = max(1, steps // online_points) if online_points else 0
     start = time.perf_counter()
-    run_dir = pretrain(cfg)
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps(plan))
+    run_dir = pretrain(cfg, resume=run_dir if resume else None)
     train_s = time.perf_counter() - start
-    last = read_metrics(run_dir)[-1]
+    rows = read_metrics(run_dir)
+    last = rows[-1]
+    elapsed = training_seconds(rows)
+    curve = [[round(t, 1), r["step"], r["online_knn"]] for t, r in zip(elapsed, rows) if "online_knn" in r]
     # Tasks on another network than the shared baselines' (DCGAN discriminator, PixelCNN) are
     # compared with a random init of their own network too.
     own_backbone = cfg.model.backbone != Config.load(BASE_CONFIG).model.backbone
@@ -108,8 +150,10 @@ def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: l
         "eval_image_size": results["image_size"],
         "steps": steps,
         "epochs": last["epoch"],
-        "step_ms": round(1000 * seconds),
-        "pretrain_s": round(train_s, 1),
+        "step_ms": plan["step_ms"],
+        "pretrain_s": round(train_s if not resume else elapsed[-1], 1),
+        "curve": curve,
+        "online_eval_s": round(sum(r.get("online_eval_s", 0) for r in rows), 1),
         "eval_s": results["seconds"],
         "final_loss": last["loss"],
         "final_accuracy": last.get("accuracy"),
@@ -173,6 +217,53 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def subset_baselines(data_root: str) -> dict[str, float]:
+    """Online kNN's horizontal lines: raw pixels and the shared random-init backbone on the online subset."""
+    from pipeline.backbone import create_backbone
+    from pipeline.data import decoder_for
+    from pipeline.online_eval import OnlineKNN
+    from pipeline.shards import read_manifest
+    from eval.knn import knn_accuracy
+
+    cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
+    manifest = read_manifest(data_root)
+    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    online = OnlineKNN(cfg, manifest, {"mode": manifest["mode"], "image_size": decoder.image_size,
+                                       "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
+    pixels = knn_accuracy(online.bank_images.flatten(1), online.bank_labels, online.query_images.flatten(1), online.query_labels,
+                          online.k, online.temperature)
+    torch.manual_seed(cfg.train.seed)
+    random_init = online(create_backbone(cfg.model, manifest["channels"]), torch.device("cpu"))["online_knn"]
+    return {"raw_pixels": pixels, "random_init": random_init}
+
+
+def plot_curves(report: dict, path: Path) -> bool:
+    """quality_curve.png: online kNN top-1 against pretraining wall time, one line per task."""
+    entries = [e for e in report["tasks"].values() if e.get("curve")]
+    if not entries:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for entry in entries:
+        ax.plot([p[0] / 60 for p in entry["curve"]], [100 * p[2] for p in entry["curve"]], marker="o", markersize=3, label=entry["task"])
+    for name, style in (("raw_pixels", "--"), ("random_init", ":")):
+        if name in report.get("subset_baselines", {}):
+            ax.axhline(100 * report["subset_baselines"][name], linestyle=style, color="gray", label=name.replace("_", " "))
+    ax.set_xlabel("pretraining wall time (min)")
+    ax.set_ylabel("online kNN top-1 (%), k=20")
+    ax.set_title(f"Fashion-MNIST: online kNN over pretraining ({report['budget_s']:.0f} s budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of measured step time per task (per worker)")
@@ -182,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="run tasks again even when OUT/quality.json has them")
     parser.add_argument("--samples", type=int, default=2000, help="generated images per model for the sample-quality figure")
     parser.add_argument("--rerun-samples", action="store_true", help="recompute the sample-quality figure from the stored runs")
+    parser.add_argument("--online-points", type=int, default=None,
+                        help="online kNN evaluations per run, for quality_curve.png (default: 10 for budgets >= 600 s, else 0)")
     args = parser.parse_args(argv)
+    online_points = args.online_points if args.online_points is not None else (10 if args.budget_s >= 600 else 0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(tasks) - set(TASK_CONFIGS))
@@ -207,13 +301,16 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: already in %s", name, report_path)
             continue
         baselines = [] if "baselines" in report else ["raw_pixels", "random_init"]
-        entry = run_task(name, args.data, args.budget_s, out, baselines)
+        if online_points and "subset_baselines" not in report:
+            report["subset_baselines"] = subset_baselines(args.data)
+        entry = run_task(name, args.data, args.budget_s, out, baselines, online_points)
         if "rows" in entry and baselines:
             report["baselines"] = {b: entry["rows"][b] for b in baselines}
         report["tasks"][name] = entry
         report_path.write_text(json.dumps(report, indent=2))  # after every task: nothing is lost on a stop
         (out / "quality.md").write_text(table(report) + "\n")
         plot(report, out / "quality.png")
+        plot_curves(report, out / "quality_curve.png")
         print(table(report), flush=True)
     if owns_ray:
         ray.shutdown()

@@ -67,6 +67,7 @@ class TrainConfig:
     amp: bool = True  # autocast + GradScaler, on CUDA only
     channels_last: bool = True  # NHWC weights and batches, on CUDA only (tensor cores want it; CPU convs do not)
     compile: bool = False  # torch.compile the backbone (in place: checkpoint keys stay the same)
+    sync_batchnorm: bool = False  # batch-norm statistics over the global batch with >1 worker (pipeline/sync_batchnorm.py)
     seed: int = 0
     resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
 
@@ -90,6 +91,12 @@ class EvalConfig:
     loader_workers: int = 1
     baselines: list[str] = field(default_factory=lambda: ["raw_pixels", "random_init"])
     image_size: int = 0  # 0: the size pretraining fed the backbone; else evaluate whole images at this size
+    # Online kNN during pretraining (rank 0, pipeline/online_eval.py): every online_every steps
+    # (0: off), kNN k=knn_k[0] with the first online_bank train samples as the bank and the first
+    # online_queries test samples as queries; logged as online_knn in every metrics sink.
+    online_every: int = 0
+    online_bank: int = 10000
+    online_queries: int = 2000
 
 
 @dataclass
@@ -304,6 +311,7 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "eval.loader_workers": cfg.eval.loader_workers,
         "eval.image_size": cfg.eval.image_size,
         "train.figures_every": cfg.train.figures_every,
+        "eval.online_every": cfg.eval.online_every,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -319,6 +327,9 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if not 0 < cfg.eval.linear_val_fraction < 1:
         raise ConfigError(f"eval.linear_val_fraction must be in (0, 1), got {cfg.eval.linear_val_fraction}")
+    if cfg.eval.online_every and min(cfg.eval.online_bank, cfg.eval.online_queries) <= 0:
+        raise ConfigError(f"eval.online_bank and eval.online_queries must be positive with eval.online_every set, "
+                          f"got {cfg.eval.online_bank} and {cfg.eval.online_queries}")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
         raise ConfigError(f"eval.knn_k must list positive integers, got {cfg.eval.knn_k}")
     if not cfg.eval.linear_C or min(cfg.eval.linear_C) <= 0:

@@ -73,11 +73,12 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in metrics[0] if k not in ("step", "epoch", "time")]
+    # Every metric any row has (online_knn appears only on the rows it was computed for).
+    names = [k for k in dict.fromkeys(k for m in metrics for k in m) if k not in ("step", "epoch", "time", "online_eval_s")]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    steps = [m["step"] for m in metrics]
     for ax, name in zip(axes[0], names):
-        ax.plot(steps, [m.get(name) for m in metrics])
+        rows = [m for m in metrics if isinstance(m.get(name), (int, float))]
+        ax.plot([m["step"] for m in rows], [m[name] for m in rows], marker="o" if len(rows) < 30 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
     fig.tight_layout()

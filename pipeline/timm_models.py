@@ -7,6 +7,12 @@ treat them like any timm model (`model.backbone: dcgan_discriminator` or `pixelc
 - `pixelcnn`: van den Oord et al.'s PixelCNN (masked 7x7 type-A input convolution, residual blocks
   of masked 3x3 type-B convolutions, 256-way logits per sub-pixel); its pooled features are the
   residual stack's output.
+- `resnet{10,18,34}_s{1,2}_w{16,32,64}`: timm ResNets for small images (28-64 px). timm's ImageNet
+  stem (7x7 stride-2 conv + max-pool) divides the side by 4 before the first block, so a 28 px image
+  reaches the last stage at 1x1. These take a 3x3 stem of stride 1 (`s1`, the CIFAR ResNet of
+  solo-learn and lightly's `ResNetGenerator`) or stride 2 (`s2`, a quarter of s1's cost) and no
+  max-pool, with stage widths w, 2w, 4w, 8w (`w64` is ResNet's own width; the stem stays timm's 64). Every other timm ResNet
+  keyword (zero_init_last, drop_path_rate, ...) passes through.
 
 Both are created headless (num_classes=0) and never with pretrained weights, like every backbone here.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
 NORMS = ("batch", "layer", "none")
@@ -197,3 +204,45 @@ def dcgan_discriminator(pretrained: bool = False, **kwargs) -> DCGANDiscriminato
 @register_model
 def pixelcnn(pretrained: bool = False, **kwargs) -> PixelCNNNet:
     return _create(PixelCNNNet, pretrained, kwargs)
+
+
+SMALL_RESNET_LAYERS = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+
+class SmallImageResNet(ResNet):
+    """timm's ResNet (BasicBlock) with a 3x3 stem of stride `stem_stride` and no max-pool.
+
+    Subclassing keeps timm's forward, `forward_intermediates`, `reset_classifier` and parameter
+    names, so checkpoints, dense tasks and `timm.create_model` treat it as any ResNet.
+    """
+
+    def __init__(self, depth: int = 18, stem_stride: int = 1, width: int = 64, in_chans: int = 3, **kwargs):
+        if depth not in SMALL_RESNET_LAYERS or stem_stride not in (1, 2):
+            raise ValueError(f"depth={depth} must be one of {sorted(SMALL_RESNET_LAYERS)} and stem_stride={stem_stride} 1 or 2")
+        channels = kwargs.pop("channels", None) or [width * 2**i for i in range(4)]
+        super().__init__(BasicBlock, SMALL_RESNET_LAYERS[depth], in_chans=in_chans, channels=channels, **kwargs)
+        # timm's single-conv stem is 64 wide whatever the stage widths (as with `channels=` on its resnet18).
+        self.conv1 = nn.Conv2d(in_chans, self.bn1.num_features, 3, stride=stem_stride, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm initializes convs
+        self.maxpool = nn.Identity()
+        # The stem reduces by its stride alone (timm's by 2, then 4 after the pool): every stage's
+        # reduction shrinks by 4 / stem_stride.
+        for info in self.feature_info:
+            info["reduction"] = stem_stride if info["module"] == "act1" else info["reduction"] * stem_stride // 4
+
+
+def _small_resnet(depth: int, stem_stride: int, width: int):
+    def create(pretrained: bool = False, **kwargs) -> SmallImageResNet:
+        return _create(SmallImageResNet, pretrained, {"depth": depth, "stem_stride": stem_stride, "width": width, **kwargs})
+
+    create.__name__ = f"resnet{depth}_s{stem_stride}_w{width}"
+    create.__doc__ = f"ResNet-{depth} for small images: 3x3 stride-{stem_stride} stem, no max-pool, widths {width}-{8 * width}."
+    create.__module__ = __name__
+    return create
+
+
+for _depth in SMALL_RESNET_LAYERS:
+    for _stride in (1, 2):
+        for _width in (16, 32, 64):
+            _fn = _small_resnet(_depth, _stride, _width)
+            globals()[_fn.__name__] = register_model(_fn)

@@ -17,8 +17,10 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError
 from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog, memory_mb
+from pipeline.online_eval import OnlineKNN
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
+from pipeline.sync_batchnorm import convert_sync_batchnorm
 from pipeline.tracking import open_trackers
 from pretext import create_task, task_class
 
@@ -94,7 +96,10 @@ def train_worker(cfg: Config, session) -> dict:
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
 
-    task = build_task(cfg, manifest, decoder).to(device)
+    task = build_task(cfg, manifest, decoder)
+    if cfg.train.sync_batchnorm and session.world_size > 1:
+        task = convert_sync_batchnorm(task)  # before DDP wraps it and the optimizers take its parameters
+    task = task.to(device)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     if channels_last:
         task = task.to(memory_format=torch.channels_last)
@@ -135,6 +140,10 @@ def train_worker(cfg: Config, session) -> dict:
     )
     write_worker_record(run_dir, session, loader.rank_shards)
     metrics_log = MetricsLog(run_dir, open_trackers(cfg, start)) if session.rank == 0 else None
+    # How eval must decode for this backbone (the task may feed it other channels than the data's).
+    encoder_input = task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
+                                        "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
+    online_knn = OnlineKNN(cfg, manifest, encoder_input) if cfg.eval.online_every and session.rank == 0 else None
     batches = iter(loader)
     task.train()
     metrics: dict = {}
@@ -166,11 +175,15 @@ def train_worker(cfg: Config, session) -> dict:
                            epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))
             # The largest worker's memory (its loader processes apart), and wall time for throughput over any span.
             metrics.update({k: round(v, 1) for k, v in session.all_reduce_max(memory_mb()).items()}, time=round(time.time(), 3))
+            if online_knn is not None and (step % cfg.eval.online_every == 0 or last):
+                # Rank 0 only: the other ranks wait at the next all-reduce, so the cost is wall time (online_eval_s).
+                metrics.update(online_knn(task.feature_extractor(), device))
             if metrics_log is not None:
                 metrics_log.write(metrics)
                 eta = (total - step) * elapsed / window_steps
-                log.info("step %d/%d  %s  %.0f img/s  eta %.0fs", step, total,
-                         "  ".join(f"{k} {metrics[k]:.4f}" for k in out), metrics["images_per_s"], eta)
+                online = f"  online_knn {metrics['online_knn']:.4f}" if "online_knn" in metrics else ""
+                log.info("step %d/%d  %s%s  %.0f img/s  eta %.0fs", step, total,
+                         "  ".join(f"{k} {metrics[k]:.4f}" for k in out), online, metrics["images_per_s"], eta)
             state = None
             if checkpoint_now and session.rank == 0:
                 state = {
@@ -180,9 +193,7 @@ def train_worker(cfg: Config, session) -> dict:
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "config": cfg.to_dict(),
-                    # How eval must decode for this backbone (the task may feed it other channels than the data's).
-                    "manifest": task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
-                                                    "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()}),
+                    "manifest": encoder_input,
                 }
             if checkpoint_now:
                 # Every rank reports at the same steps; only rank 0 passes a checkpoint. Only at

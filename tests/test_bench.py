@@ -25,3 +25,4 @@ def test_quality_benchmark_trains_evaluates_and_records_refusals(tmp_path, ray_l
     # A second invocation skips what is already recorded instead of training again.
     assert main(["--budget-s", "1", "--tasks", "rotation", "--data", str(data), "--out", str(out)]) == 0
     assert json.loads((out / "quality.json").read_text())["tasks"]["rotation"]["run_dir"] == rotation["run_dir"]
+

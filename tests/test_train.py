@@ -27,7 +27,7 @@ def tiny_config(shards: Path, run_dir: Path, **overrides) -> Config:
     }
     for key, value in overrides.items():
         section, name = key.split("__")
-        values[section][name] = value
+        values.setdefault(section, {})[name] = value
     return Config.from_dict(values)
 
 
