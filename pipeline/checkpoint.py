@@ -121,9 +121,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def encoder_state(state: dict) -> dict[str, torch.Tensor]:
-    """The backbone's weights with timm's own key names (tasks keep their backbone as `encoder`)."""
-    prefix = "encoder."
+    """The backbone's weights with timm's own key names (tasks keep their backbone as `encoder`,
+    and name another copy to evaluate, such as DINO's teacher, in the checkpoint's "eval_encoder")."""
+    prefix = state.get("eval_encoder", "encoder") + "."
     weights = {k[len(prefix) :]: v for k, v in state["task"].items() if k.startswith(prefix)}
     if not weights:
-        raise CheckpointError(f"checkpoint (step {state.get('step')}, task {state['config']['task']['name']!r}) holds no encoder.* weights")
+        raise CheckpointError(f"checkpoint (step {state.get('step')}, task {state['config']['task']['name']!r}) holds no {prefix}* weights")
     return weights

@@ -194,6 +194,7 @@ def train_worker(cfg: Config, session) -> dict:
                     "step": step,
                     "config": cfg.to_dict(),
                     "manifest": encoder_input,
+                    "eval_encoder": task.eval_encoder,
                 }
             if checkpoint_now:
                 # Every rank reports at the same steps; only rank 0 passes a checkpoint. Only at

@@ -6,31 +6,45 @@ import inspect
 from pretext.av_contrastive import AVContrastive
 from pretext.avc import AVC
 from pretext.base import PretextTask
+from pretext.byol import BYOL
 from pretext.colorization import Colorization
 from pretext.context_encoder import ContextEncoder
 from pretext.bigan import BiGAN
 from pretext.context_prediction import ContextPrediction
 from pretext.cpc import CPC
 from pretext.denoising_autoencoder import DenoisingAutoencoder
+from pretext.dino import DINO
+from pretext.swav import SwAV
 from pretext.exemplar import Exemplar
 from pretext.gan import GAN
 from pretext.jigsaw import Jigsaw
+from pretext.mae import MAE
 from pretext.multitask import MultiTask
 from pretext.odd_one_out import OddOneOut
 from pretext.pixelcnn import PixelCNN
 from pretext.rotation import Rotation
+from pretext.simsiam import SimSiam
 from pretext.temporal_order import TemporalOrder
 from pretext.vae import VAE
+from pretext.barlow_twins import BarlowTwins
+from pretext.vicreg import VICReg
 
 TASKS: dict[str, type[PretextTask]] = {
     "rotation": Rotation,
     "exemplar": Exemplar,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+    "dino": DINO,
+    "swav": SwAV,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
     "context_prediction": ContextPrediction,
     "jigsaw": Jigsaw,
     "cpc": CPC,
     "colorization": Colorization,
     "denoising_autoencoder": DenoisingAutoencoder,
     "context_encoder": ContextEncoder,
+    "mae": MAE,
     "multitask": MultiTask,
     "avc": AVC,
     "av_contrastive": AVContrastive,

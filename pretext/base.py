@@ -146,10 +146,14 @@ class PretextTask(nn.Module):
         low, high = images.min(), images.max()
         return (images - low) / (high - low).clamp(min=1e-8)
 
+    # The backbone the eval stage, online kNN and export read: `encoder`, or the name of another
+    # copy (DINO scores its EMA teacher, as the paper does). Checkpoints record it as "eval_encoder".
+    eval_encoder: str = "encoder"
+
     def feature_extractor(self) -> nn.Module:
-        """The network whose outputs the eval stage scores: the backbone's pooled features, unless a
-        task offers others (the VAE's posterior mean)."""
-        return self.encoder
+        """The network whose outputs the eval stage scores: the backbone's pooled features (the
+        `eval_encoder` copy), unless a task offers others (the VAE's posterior mean)."""
+        return getattr(self, self.eval_encoder)
 
     # Generative objectives that define a likelihood of the data also implement
     #   log_likelihood(images) -> (B,) log p(x) in nats of the 8-bit images (or a lower bound:

@@ -99,9 +99,10 @@ def test_shipped_configs_load_and_keep_the_demo_backbone(path):
     cfg = Config.load(path)
     demo = Config.load(Path(path).parent / "rotation_fmnist.yaml")
     if cfg.model.backbone != demo.model.backbone:
-        # Objectives with their own network (DCGAN discriminator, PixelCNN) get none of the
+        # Objectives with their own network (DCGAN discriminator, PixelCNN, a ViT) get none of the
         # demo's ResNet kwargs: `extends` drops them when the backbone changes.
-        assert cfg.task.name in ("gan", "pixelcnn") and "zero_init_last" not in cfg.model.backbone_kwargs
+        # MAE and the ViT variant of DINO run on a ViT.
+        assert cfg.task.name in ("gan", "pixelcnn", "mae", "dino") and "zero_init_last" not in cfg.model.backbone_kwargs
         return
     # Every other task config shares the demo's backbone, so the quality benchmark compares like with like.
     assert cfg.model.backbone_kwargs == demo.model.backbone_kwargs

@@ -35,9 +35,13 @@ def data_channels(name: str) -> int:
 
 
 # Tasks that need their own kind of backbone (PixelCNN's masked convolutions).
-BACKBONES = {"pixelcnn": {"backbone": "pixelcnn", "backbone_kwargs": {"width": 4, "depth": 2}}}
+BACKBONES = {"pixelcnn": {"backbone": "pixelcnn", "backbone_kwargs": {"width": 4, "depth": 2}},
+             "mae": {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}}
 # Tasks' own networks made tiny as TINY_BACKBONE (the audio-visual tasks' audio CNN).
 OPTIONS = {name: AV_OPTIONS for name in TASKS if "audio" in modalities(name)}
+# VICReg's covariance term cannot approach zero for a 1024-wide expander on a 32-image batch (its
+# minimum over free embeddings is ~0.65 of the start): a narrow expander, as the backbone is tiny.
+OPTIONS["vicreg"] = {"proj_dim": 16, "proj_hidden": [256, 256]}
 
 
 def make_task(name: str, **options):
@@ -76,14 +80,18 @@ def fixed_batch(task, count: int = 16):
 # ln 40 = 3.7 of the initial ln 256 = 5.5 nats per sub-pixel.
 LOSS_RATIO = {"pixelcnn": 0.93}
 
-# Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces).
-INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4, "cpc": 8}
+# Side of the inputs each task's transform emits at IMAGE_SIZE (patch tasks cut smaller pieces),
+# per task or per leaf path ("dino/1": multi-crop's second entry, local crops of 3/7 the side).
+INPUT_SIZES = {"jigsaw": 4, "context_prediction": 4, "cpc": 8, "dino/1": 6, "swav/1": 6}
 
 
 def leaves(value) -> dict:
-    """{path: tensor} of a transform output (multitask nests one output per sub-task)."""
+    """{path: tensor} of a transform output (multitask nests one output per sub-task; multi-crop
+    emits a list of crop groups, one per crop size, keyed by position)."""
     if isinstance(value, dict):
         return {f"{name}/{path}": leaf for name, sub in value.items() for path, leaf in leaves(sub).items()}
+    if isinstance(value, (list, tuple)):
+        return {f"{i}/{path}": leaf for i, sub in enumerate(value) for path, leaf in leaves(sub).items()}
     return {"": value}
 
 
@@ -96,7 +104,7 @@ def test_transform_outputs_tensors(name):
         if path == "audio/" and "audio" in modalities(name):
             assert tensor.shape == (1, AV_SAMPLES), (path, tensor.shape)  # the waveform, as decoded
             continue
-        side = INPUT_SIZES.get(path.split("/")[0] or name, IMAGE_SIZE)
+        side = INPUT_SIZES.get(f"{name}/{path}".rstrip("/"), INPUT_SIZES.get(path.split("/")[0] or name, IMAGE_SIZE))
         assert tensor.shape[-2:] == (side, side), (path, tensor.shape)
     assert all(isinstance(t, torch.Tensor) for t in leaves(target).values())
 
