@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/sslpipe demo --config configs/rotation_fmnist.yaml
+	$(BIN)/sslpipe demo --config configs/demo_fmnist.yaml
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q

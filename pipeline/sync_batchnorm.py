@@ -13,12 +13,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-class GlobalBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, with global statistics on CPU tensors too (any input rank >= 2)."""
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm with statistics over all workers' samples in training (any input rank >= 2);
+    plain batch norm in eval mode and outside torch.distributed. Not a subclass of SyncBatchNorm:
+    DDP refuses those on CPU modules."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
 
     def forward(self, input: Tensor) -> Tensor:
         syncing = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not syncing or input.device.type != "cpu":
+        if not syncing:
             return super().forward(input)
         import torch.distributed.nn.functional as dist_nn
 
@@ -44,9 +50,12 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
         return out.to(input.dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm1d/2d/3d in `module` replaced by a GlobalBatchNorm holding the same
-    parameters and buffers (so optimizers and checkpoints see the same tensors and names)."""
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Every BatchNorm1d/2d/3d in `module` replaced by one over the global batch holding the same
+    parameters and buffers (so optimizers and checkpoints see the same tensors and names): torch's
+    SyncBatchNorm for CUDA training, GlobalBatchNorm elsewhere."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
@@ -56,5 +65,5 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         converted.train(module.training)
         return converted
     for name, child in module.named_children():
-        module._modules[name] = convert_sync_batchnorm(child)
+        module._modules[name] = convert_sync_batchnorm(child, device)
     return module

@@ -98,7 +98,7 @@ def train_worker(cfg: Config, session) -> dict:
 
     task = build_task(cfg, manifest, decoder)
     if cfg.train.sync_batchnorm and session.world_size > 1:
-        task = convert_sync_batchnorm(task)  # before DDP wraps it and the optimizers take its parameters
+        task = convert_sync_batchnorm(task, device)  # before DDP wraps it and the optimizers take its parameters
     task = task.to(device)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     if channels_last:

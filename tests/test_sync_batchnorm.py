@@ -21,6 +21,8 @@ def _worker(rank: int, world_size: int, x: torch.Tensor, sync: bool) -> dict:
     out = net(x[rows])
     loss = out.pow(2).sum() / len(x)  # this rank's share of the global batch's mean
     loss.backward()
+    if sync:  # DDP takes the converted network on CPU (it refuses torch's SyncBatchNorm there)
+        torch.nn.parallel.DistributedDataParallel(convert_sync_batchnorm(_net()))(x[rows]).sum().backward()
     return {"out": out.detach(), "grads": [p.grad for p in net.parameters()], "running_var": net[1].running_var.clone()}
 
 
