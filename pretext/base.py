@@ -128,6 +128,12 @@ class PretextTask(nn.Module):
                             + [Panel(self.display(im), "target") for im in targets])
         return examples
 
+    def view_panels(self, samples: list[dict]) -> list[list[Panel]]:
+        """Per sample, the stacked augmented views its transform emits, captioned "view 1", "view 2"
+        (the joint-embedding tasks' examples: the views must agree or find each other)."""
+        transform = self.sample_transform()
+        return [[Panel(self.to_unit_range(view), f"view {i + 1}") for i, view in enumerate(transform(s)[0])] for s in samples]
+
     def figure_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The PNG grids `write_figures` draws from `samples` (step 0), one panel each, captioned
         with their names ("reconstructions"); none for tasks that draw no figures."""

@@ -54,8 +54,7 @@ class Exemplar(PretextTask):
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image, which must find each other in the batch."""
-        transform = self.sample_transform()
-        return [[Panel(self.to_unit_range(view), f"view {i + 1}") for i, view in enumerate(transform(s)[0])] for s in samples]
+        return self.view_panels(samples)
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         batch = inputs.shape[0]  # inputs: (B, 2, C, H, W)

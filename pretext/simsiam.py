@@ -76,8 +76,7 @@ class SimSiam(PretextTask):
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image; each predicts the other's projection."""
-        transform = self.sample_transform()
-        return [[Panel(self.to_unit_range(view), f"view {i + 1}") for i, view in enumerate(transform(s)[0])] for s in samples]
+        return self.view_panels(samples)
 
     def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
         # inputs: (B, 2, C, H, W). One pass per view, as in the paper's pseudocode: batch-norm
