@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         entry = run_variant(name, variants[name], args.data, out)
         if "pixel_knn" not in report:
-            report["pixel_knn"] = pixel_knn(Config.load(variants[name]["config"], [f"--data.root={args.data}"]))
+            # On the same subset as the variants' (their overrides may resize it).
+            report["pixel_knn"] = pixel_knn(Config.load(variants[name]["config"], [f"--data.root={args.data}", *variants[name].get("overrides", [])]))
         report["variants"][name] = entry
         path.write_text(json.dumps(report, indent=2))
         (out / "recipes.md").write_text(table(report) + "\n")

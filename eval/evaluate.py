@@ -97,14 +97,16 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         models["random_init"] = create_backbone(cfg.model, state["manifest"]["channels"])
     models["pretrained"] = pretrained
 
-    rows = {}
+    rows, read = {}, {}
     for name, model in models.items():
-        features = {
-            split: extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
-                                    desc=f"{name} {split}", total=manifest["splits"][split]["count"],
-                                    bad_samples=BadSamples.for_config(cfg.data))
-            for split, urls in splits.items()
-        }
+        features, policies = {}, {}
+        for split, urls in splits.items():
+            policies[split] = BadSamples.for_config(cfg.data)
+            features[split] = extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
+                                               desc=f"{name} {split}", total=manifest["splits"][split]["count"],
+                                               bad_samples=policies[split])
+            # What was scored against what the manifest lists (every model reads the same shards).
+            read[split] = {"listed": manifest["splits"][split]["count"], "scored": len(features[split].labels), **policies[split].counts()}
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
         if name == "pretrained":  # its test features are drawn into embedding.png
             embedded = features[cfg.data.test_split]
@@ -120,6 +122,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "knn_k": cfg.eval.knn_k,
         "knn_temperature": cfg.eval.knn_temperature,
         "rows": rows,
+        "samples": read,
         "seconds": round(time.perf_counter() - start, 1),
     }
     if is_audio_visual(task):  # audio features scored like the frames', retrieval both ways, AVC accuracy

@@ -62,6 +62,7 @@ class BadSamples:
         self.seen = multiprocessing.Value("q", 0)
         self.bad = multiprocessing.Value("q", 0)
         self.bad_shards = multiprocessing.Value("q", 0)
+        self.short = multiprocessing.Value("q", 0)  # samples missing from shards read short (also in bad)
 
     @classmethod
     def for_config(cls, data_cfg) -> "BadSamples":
@@ -69,11 +70,13 @@ class BadSamples:
         return cls(data_cfg.strict, data_cfg.max_bad_fraction)
 
     def counts(self) -> dict[str, int]:
-        return {"seen": self.seen.value, "bad_samples": self.bad.value, "bad_shards": self.bad_shards.value}
+        return {"seen": self.seen.value, "bad_samples": self.bad.value, "bad_shards": self.bad_shards.value,
+                "missing_samples": self.short.value}
 
     def summary(self) -> str:
         c = self.counts()
-        return f"{c['bad_samples']} bad sample(s) skipped of {c['seen']} read, {c['bad_shards']} shard(s) cut short"
+        missing = f" ({c['missing_samples']} sample(s) missing from shards shorter than their manifest count)" if c["missing_samples"] else ""
+        return f"{c['bad_samples']} bad sample(s) skipped of {c['seen']} read, {c['bad_shards']} shard(s) cut short{missing}"
 
     def sample_failed(self, err: ShardError) -> None:
         if self.strict:
@@ -101,6 +104,28 @@ class BadSamples:
             raise ShardError(f"{bad_shards} shard reads failed and not one sample was read (last: shard {url}: {message})")
         log.warning("shard %s: %s; skipping the rest of this shard", url, message)
         return True  # go on with the next shard
+
+    def shard_short(self, url: str, read: int, listed: int) -> None:
+        """A shard ended cleanly after `read` of the `listed` samples its manifest lists (a truncated
+        file): warned and counted (the missing samples count as bad toward max_fraction), or raised when strict."""
+        message = f"shard {url}: read {read} of {listed} samples its manifest lists; the file is cut short (truncated download or copy?)"
+        if self.strict:
+            raise ShardError(message)
+        missing = listed - read
+        with self.bad_shards.get_lock():
+            self.bad_shards.value += 1
+        with self.short.get_lock():
+            self.short.value += missing
+        with self.seen.get_lock():
+            self.seen.value += missing
+        with self.bad.get_lock():
+            self.bad.value += missing
+            bad = self.bad.value
+        log.warning("%s; going on without the missing %d", message, missing)
+        seen = max(self.seen.value, 1)
+        if seen >= self.min_seen and bad / seen > self.max_fraction:
+            raise ShardError(f"{bad} of {seen} samples were bad or missing, more than data.max_bad_fraction={self.max_fraction} "
+                             f"(last: {message}); fix the shards or raise the fraction")
 
     def decode(self, decoder: "ImageDecoder") -> "GuardedDecoder":
         return GuardedDecoder(decoder, self)
@@ -430,7 +455,7 @@ def train_loader(
     stages = [*decode, GroupFrames(frames_per_sample), shuffle] if frames_per_sample else [shuffle, *decode]
     pipeline = wds.DataPipeline(
         shards,
-        read_shards(handler=policy.shard_failed),
+        read_shards(handler=policy.shard_failed, on_short=policy.shard_short),
         *stages,
         wds.map(transform),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -457,7 +482,7 @@ def eval_loader(
     policy = bad_samples or BadSamples()
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
-        read_shards(handler=policy.shard_failed),
+        read_shards(handler=policy.shard_failed, on_short=policy.shard_short),
         wds.map(policy.decode(decoder)),
         wds.select(is_sample),
         wds.map(functools.partial(eval_item, field=field)),
@@ -472,7 +497,7 @@ def first_decoded(urls: list[str], decoder: ImageDecoder, count: int, bad_sample
     """The first `count` good samples of the shards, in order, as the decoder's whole dicts (image,
     label, key, and audio, video, time for AV data), in this process."""
     policy = bad_samples or BadSamples()
-    pipeline = wds.DataPipeline(EvalShards(urls, 0, 1), read_shards(handler=policy.shard_failed), wds.map(policy.decode(decoder)),
+    pipeline = wds.DataPipeline(EvalShards(urls, 0, 1), read_shards(handler=policy.shard_failed, on_short=policy.shard_short), wds.map(policy.decode(decoder)),
                                 wds.select(is_sample))
     return list(itertools.islice(iter(pipeline), count))
 

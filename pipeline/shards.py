@@ -15,7 +15,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.storage import MANIFEST, describe_error, display_url, is_url, join_url, manifest_location, open_url
+from pipeline.storage import MANIFEST, ShardUrl, describe_error, display_url, is_url, join_url, manifest_location, open_url
 from tqdm import tqdm
 
 
@@ -217,10 +217,10 @@ def read_remote_manifest(root: str) -> dict:
 def split_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise KeyError(f"split {split!r} is not in {manifest_location(root)}; available: {sorted(manifest['splits'])}")
-    files = [shard["file"] for shard in manifest["splits"][split]["shards"]]
-    if is_url(root):
-        return [join_url(str(root), file) for file in files]
-    return [str(Path(root) / file) for file in files]
+    """The split's shard URLs (local paths or URLs under `root`), each carrying its manifest count (`ShardUrl`)."""
+    shards = manifest["splits"][split]["shards"]
+    place = (lambda file: join_url(str(root), file)) if is_url(root) else (lambda file: str(Path(root) / file))
+    return [ShardUrl(place(shard["file"]), shard.get("count")) for shard in shards]
 
 
 def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str) -> Iterator[Sample]:

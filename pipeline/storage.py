@@ -162,10 +162,45 @@ class RemoteShardStream:
         return f"<remote shard {display_url(self.url)}>"
 
 
-def shard_samples(sources: Iterable[dict], handler: Callable[[Exception], bool] = reraise_exception) -> Iterator[dict]:
-    """`wds.tarfile_to_samples` with `open_shards` as its opener: shard URLs in, samples out."""
-    files = tar_file_expander(open_shards(sources, handler), handler=handler)
-    return group_by_keys(files, handler=handler)
+class ShardUrl(str):
+    """A shard's URL (or path) that also carries the number of samples its manifest lists
+    (`split_urls` makes them), so a reader can tell a shard read short from a whole one: Python's
+    tarfile in stream mode, which WebDataset reads with, ends cleanly at a truncated tar."""
+
+    count: int | None
+
+    def __new__(cls, url: str, count: int | None = None) -> "ShardUrl":
+        shard = super().__new__(cls, url)
+        shard.count = count
+        return shard
+
+    def __reduce__(self):  # loader workers and Ray get the count too
+        return ShardUrl, (str(self), self.count)
+
+
+def shard_samples(sources: Iterable[dict], handler: Callable[[Exception], bool] = reraise_exception,
+                  on_short: Callable[[str, int, int], None] | None = None) -> Iterator[dict]:
+    """`wds.tarfile_to_samples` with `open_shards` as its opener: shard URLs in, samples out.
+
+    A shard whose URL is a `ShardUrl` is counted as it is read: when it ends cleanly with fewer
+    samples than its manifest lists, `on_short(url, read, listed)` is called (a shard that failed
+    with an error has gone to `handler` already). A consumer that stops mid-shard checks nothing."""
+    sources = ({**source, "listed": source["url"].count if isinstance(source["url"], ShardUrl) else None} for source in sources)
+    for source in open_shards(sources, handler):
+        failures: list[bool] = []
+
+        def noting(exn: Exception) -> bool:
+            failures.append(handler(exn))
+            return failures[-1]
+
+        read = 0
+        for sample in group_by_keys(tar_file_expander([source], handler=noting), handler=noting):
+            read += 1
+            yield sample
+        if failures and not failures[-1]:
+            return  # the handler asked to stop
+        if on_short is not None and not failures and source["listed"] is not None and read < source["listed"]:
+            on_short(source["url"], read, source["listed"])
 
 
 read_shards = wds.pipelinefilter(shard_samples)

@@ -23,6 +23,7 @@ from pipeline.shards import read_manifest, split_urls
 from pipeline.sync_batchnorm import convert_sync_batchnorm
 from pipeline.tracking import open_trackers
 from pretext import create_task, task_class
+from pretext.base import ImageOnly
 
 log = logging.getLogger("sslpipe.train")
 
@@ -87,6 +88,18 @@ def build_task(cfg: Config, manifest: dict, decoder):
                           f"{decoder.image_size}px data: {err}") from err
 
 
+def split_augmentation(cfg: Config, task):
+    """(loader transform, batch augmentation or None) for `data.augment_on`: with "device" the
+    loader only decodes and the task's view augmentation runs per batch in this process."""
+    transform = task.sample_transform()
+    if cfg.data.augment_on == "loader":
+        return transform, None
+    if not hasattr(transform, "on_batch"):
+        raise ConfigError(f"data.augment_on=device: task {cfg.task.name!r} transforms samples one at a time "
+                          f"({type(transform).__name__} has no batched form); use data.augment_on=loader")
+    return ImageOnly(), transform
+
+
 def train_worker(cfg: Config, session) -> dict:
     """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
     run_dir = Path(cfg.run_dir)
@@ -133,8 +146,9 @@ def train_worker(cfg: Config, session) -> dict:
     task.prepare_distributed(session.wrap)
 
     batch_size = cfg.train.global_batch_size // session.world_size
+    transform, batch_augment = split_augmentation(cfg, task)
     loader = train_loader(
-        urls, session.rank, session.world_size, decoder, task.sample_transform(), batch_size,
+        urls, session.rank, session.world_size, decoder, transform, batch_size,
         cfg.data.shuffle_buffer, cfg.data.loader_workers, seed=cfg.train.seed + start, pin_memory=device.type == "cuda",
         bad_samples=BadSamples.for_config(cfg.data), frames_per_sample=getattr(task, "frames_per_sample", 0),
     )
@@ -151,6 +165,8 @@ def train_worker(cfg: Config, session) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start + 1, total + 1):
         batch = to_device(next(batches), device, channels_last)
+        if batch_augment is not None:
+            batch = (batch_augment.on_batch(batch[0]), batch[1])
         task.set_progress(step, total)
         out = task.train_step(batch, optimizers, scaler, autocast)
         for scheduler in schedulers.values():

@@ -99,7 +99,7 @@ class BarlowTwins(PretextTask):
         self.projector = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
 
     def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur)
+        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur, mean=self.data_mean, std=self.data_std)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image, whose embeddings must correlate dimension by dimension."""

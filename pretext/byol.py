@@ -71,7 +71,7 @@ class BYOL(PretextTask):
         self.target_projector = momentum_copy(self.projector)
 
     def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur)
+        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur, mean=self.data_mean, std=self.data_std)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two (asymmetrically) augmented views of each image; each predicts the other's target."""

@@ -156,7 +156,7 @@ class DINO(PretextTask):
         self.clip_grad, self.freeze_last_layer_fraction = clip_grad, freeze_last_layer_fraction
         # Built here so bad crop options fail at construction, not in a loader worker.
         self.multicrop = MultiCrop(self.image_size, self.in_chans, global_crops, local_crops, local_size,
-                                   tuple(global_scale), tuple(local_scale), jitter, blur)
+                                   tuple(global_scale), tuple(local_scale), jitter, blur, self.data_mean, self.data_std)
         self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
         self.teacher_encoder = momentum_copy(self.encoder)
         self.teacher_head = momentum_copy(self.head)

@@ -50,7 +50,7 @@ class Exemplar(PretextTask):
             self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
 
     def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter)
+        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, mean=self.data_mean, std=self.data_std)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image, which must find each other in the batch."""

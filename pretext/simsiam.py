@@ -72,7 +72,7 @@ class SimSiam(PretextTask):
         self.predictor = MLPHead(proj_dim, proj_dim, (pred_hidden,))
 
     def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur)
+        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, blur=self.blur, mean=self.data_mean, std=self.data_std)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image; each predicts the other's projection."""

@@ -89,7 +89,7 @@ class SwAV(PretextTask):
         self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations
         self.freeze_prototypes_fraction, self.queue_size = freeze_prototypes_fraction, queue_size
         self.multicrop = MultiCrop(self.image_size, self.in_chans, global_crops, local_crops, local_size,
-                                   tuple(global_scale), tuple(local_scale), jitter, blur)
+                                   tuple(global_scale), tuple(local_scale), jitter, blur, self.data_mean, self.data_std)
         self.global_crops = global_crops
         self.projector = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)

@@ -39,7 +39,7 @@ def test_bad_sample_is_skipped_counted_and_named(tmp_path, caplog, case):
     with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
         keys = [k for _, _, batch in loader for k in batch]
     assert keys == [f"good{i}" for i in range(6)]  # nothing good is lost
-    assert loader.bad_samples.counts() == {"seen": 7, "bad_samples": 1, "bad_shards": 0}
+    assert loader.bad_samples.counts() == {"seen": 7, "bad_samples": 1, "bad_shards": 0, "missing_samples": 0}
     assert f"{case}.tar" in caplog.text and "key bad" in caplog.text and reason in caplog.text
 
 
@@ -66,6 +66,54 @@ def test_truncated_and_zero_byte_shards_keep_what_was_read_and_go_on(tmp_path, c
     assert keys[-6:] == [f"good{i}" for i in range(6)]
     assert loader.bad_samples.counts()["bad_shards"] == 2
     assert "cut.tar" in caplog.text and "empty.tar" in caplog.text
+
+
+def cut_at_member(path, keep: int) -> None:
+    """Cuts a tar in place just before the header of sample number `keep`: what a truncated
+    download looks like when the cut falls on a block boundary. Stream-mode tarfile ends there cleanly."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    files_per_sample = 2  # png + cls
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: offsets[keep * files_per_sample]])
+
+
+def test_shard_ending_cleanly_short_of_its_manifest_count_is_warned_counted_and_kept(tmp_path, caplog):
+    from pipeline.storage import ShardUrl
+
+    whole = write_raw_shard(tmp_path / "whole.tar", GOOD)
+    cut = write_raw_shard(tmp_path / "cut.tar", GOOD)
+    cut_at_member(cut, 3)
+    assert [k for _, _, batch in eval_loader([cut], 0, 1, decoder(), 4, 0) for k in batch] == ["good0", "good1", "good2"]
+    loader = eval_loader([ShardUrl(cut, 6), ShardUrl(whole, 6)], 0, 1, decoder(), 4, 0)
+    with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
+        keys = [k for _, _, batch in loader for k in batch]
+    assert keys == ["good0", "good1", "good2"] + [f"good{i}" for i in range(6)]  # what was there is kept
+    assert loader.bad_samples.counts() == {"seen": 12, "bad_samples": 3, "bad_shards": 1, "missing_samples": 3}
+    assert "cut.tar: read 3 of 6 samples its manifest lists" in caplog.text and "whole.tar" not in caplog.text
+    assert "3 sample(s) missing" in loader.bad_samples.summary()
+    with pytest.raises(ShardError, match=r"cut.tar: read 3 of 6 samples"):
+        list(eval_loader([ShardUrl(cut, 6)], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(strict=True)))
+    # The missing samples count toward data.max_bad_fraction.
+    with pytest.raises(ShardError, match=r"3 of 12 samples were bad or missing, more than data.max_bad_fraction=0.2"):
+        list(eval_loader([ShardUrl(whole, 6), ShardUrl(cut, 6)], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(max_fraction=0.2, min_seen=5)))
+
+
+def test_training_stream_warns_of_a_short_shard_on_every_pass(tmp_path, caplog):
+    from pipeline.storage import ShardUrl
+
+    cut = write_raw_shard(tmp_path / "cut.tar", GOOD)
+    cut_at_member(cut, 4)
+    policy = BadSamples(max_fraction=0.5)
+    loader = train_loader([ShardUrl(cut, 6)], 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 4, loader_workers=0,
+                          seed=0, bad_samples=policy)
+    batches = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
+        for _ in range(3):  # 12 samples: three passes over the 4 left
+            next(batches)
+    assert caplog.text.count("cut.tar: read 4 of 6 samples") >= 2 and policy.counts()["missing_samples"] >= 4
 
 
 def test_too_many_bad_samples_abort_with_the_fraction(tmp_path):
@@ -213,6 +261,33 @@ def test_eval_strict_flag_raises_on_a_bad_sample_the_default_skips(shards, tmp_p
     assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval")]) == 0
     assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval-strict"), "--strict"]) == 2
     assert "test-000000.tar, key test_00000" in capsys.readouterr().err
+
+
+def test_eval_of_a_dataset_with_a_truncated_test_shard_records_the_shortfall(shards, tmp_path, caplog):
+    """The issue's case end to end: a shard cut short on a block boundary in a real dataset's test
+    split. Eval scores what is there, warns naming the shard, and results.json says how many of the
+    listed samples were scored."""
+    import json
+    import shutil
+
+    from pipeline.cli import main
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+    from tests.test_train import tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    cfg = tiny_config(data, tmp_path / "run", train__steps=2, train__checkpoint_every=2)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    cut_at_member(data / "test-000001.tar", 5)  # 16 samples listed
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval")]) == 0
+    # The loader worker process warns naming the shard (tested in process above); the eval's summary counts.
+    assert "pretrained test: 11 bad sample(s) skipped of 48 read, 1 shard(s) cut short (11 sample(s) missing" in caplog.text
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["samples"]["test"]["listed"] == 48 and results["samples"]["test"]["scored"] == 37
+    assert results["samples"]["test"]["missing_samples"] == 11 and results["samples"]["train"]["missing_samples"] == 0
+    assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval-strict"), "--strict"]) == 2
 
 
 def test_training_stream_with_no_readable_shard_fails_instead_of_waiting_forever(tmp_path):
