@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining on WebDataset shards with Ray Train, then kNN / linear-probe evaluation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also SSLPIPE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="write a dataset as WebDataset shards plus manifest.json")
@@ -261,6 +263,45 @@ def cmd_demo(args, overrides) -> None:
     print(f"run directory: {run_dir} (config.yaml, metrics.jsonl/csv, training_curves.png, eval/results.*)")
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean bad input or configuration (one line at the CLI), not a bug."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import ShardError
+    from pipeline.sources import DatasetNotFoundError
+
+    # OSError: storage (a remote shard that cannot be read, a full disk), named by our messages.
+    return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, OSError, KeyError, ValueError
+
+
+def root_cause(err: BaseException, wanted: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first error of a `wanted` class inside `err`: itself, what it was raised from, the
+    original of a Ray task error (`.cause`) or the per-worker errors of a failed Ray Train run
+    (`.worker_failures`), depth first; None when there is none (a bug: show the traceback)."""
+    seen, stack = set(), [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, wanted):
+            return current
+        failures = getattr(current, "worker_failures", None) or {}
+        stack += [current.__context__, current.__cause__, getattr(current, "cause", None), *failures.values()][::-1]
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error without the traces that wrap it: a DataLoader worker's error comes
+    back as "Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError:
+    <message>", a Ray task's with its remote traceback in front."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if "Traceback (most recent call last)" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        name = type(err).__name__
+        message = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return message.strip().splitlines()[0] if message.strip() else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -269,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [item for item in rest if not (accepts_overrides and item.startswith("--") and "=" in item)]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}" + ("" if not accepts_overrides else f" ({OVERRIDE_HELP})"))
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data import ShardError
-    from pipeline.sources import DatasetNotFoundError
-
+    debug = args.debug or os.environ.get("SSLPIPE_DEBUG", "") not in ("", "0")
     try:
         if args.command == "data":
             cmd_data(args)
@@ -290,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd_tasks()
         elif args.command == "demo":
             cmd_demo(args, rest)
-    except (ConfigError, DatasetNotFoundError, ShardError, CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sslpipe {args.command}: error: {message}", file=sys.stderr)
+    except Exception as err:
+        cause = root_cause(err, user_errors())
+        if cause is None or debug:
+            raise
+        print(f"sslpipe {args.command}: error: {one_line(cause)}", file=sys.stderr)
         return 2
     return 0
 

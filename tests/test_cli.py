@@ -77,3 +77,47 @@ def test_pretrain_local_then_eval_from_the_command_line(shards, tmp_path, capsys
     assert main(["eval", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "| pretrained backbone | 64 |" in out and "| raw pixels | 256 |" in out
+
+
+def test_strict_eval_of_a_bad_sample_in_a_loader_worker_prints_one_line_and_debug_the_traceback(shards, tmp_path):
+    """The error travels from a DataLoader worker process, wrapped with its traceback in the message;
+    the user sees one line naming shard and key, and the traceback only with --debug."""
+    import shutil
+
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+    from tests.test_bad_input import GOOD
+    from tests.test_data import write_raw_shard
+    from tests.test_train import tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    cfg = tiny_config(data, tmp_path / "run", train__steps=2, train__checkpoint_every=2)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    write_raw_shard(data / "test-000000.tar", [{"__key__": "test_00000", "png": b"\x89PNG broken", "cls": b"0"}] + GOOD[:3])
+    result = run_cli("eval", str(cfg.run_dir), "--out", str(tmp_path / "eval"), "--strict")
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"sslpipe eval: error: shard {data / 'test-000000.tar'}, key test_00000: "
+                                                     "png image does not decode (")
+    debug = run_cli("--debug", "eval", str(cfg.run_dir), "--out", str(tmp_path / "eval"), "--strict")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "ShardError" in debug.stderr
+
+
+def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from pipeline.cli import one_line, root_cause, user_errors
+    from pipeline.data import ShardError
+
+    original = ShardError("shard s3://bucket/train-000003.tar, key k7: image does not decode")
+    task_error = RayTaskError("train_fn", "Traceback (most recent call last):\n  File ...\nShardError: ...", original)
+    failed = WorkerGroupError("Training failed due to worker errors", {0: task_error, 1: RuntimeError("peer gone")})
+    assert root_cause(failed, user_errors()) is original
+    assert one_line(original) == "shard s3://bucket/train-000003.tar, key k7: image does not decode"
+    assert root_cause(RuntimeError("a bug"), user_errors()) is None  # bugs keep their traceback
+    # How a DataLoader worker's error arrives (torch re-raises the class with the trace as message).
+    wrapped = ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                         '  File "x.py", line 1, in f\npipeline.data.ShardError: shard a.tar, key b: bad\n')
+    assert one_line(wrapped) == "shard a.tar, key b: bad"
