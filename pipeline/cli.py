@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--samples-per-shard", type=int, default=350,
                        help="samples per shard (default: 350: 8 train shards at the default size, enough for 2 workers x 2 loader workers)")
 
+    verify = sources.add_parser("verify", help="check every shard of a dataset against its manifest (sha256, count, decoding)",
+                                description="Reads every shard of ROOT (a folder or a URL) once: its sha256 and sample count must "
+                                            "match manifest.json and every sample must decode. Exits 1 naming each bad shard and why.")
+    verify.add_argument("root", metavar="ROOT", help="dataset folder or URL (holds manifest.json)")
+    verify.add_argument("--splits", nargs="*", help="splits to check (default: all)")
+
     pretrain = commands.add_parser("pretrain", help="pretrain a backbone with a pretext task on Ray Train", epilog=OVERRIDE_HELP)
     pretrain.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
     pretrain.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (uses its config.yaml unless --config)")
@@ -160,9 +166,15 @@ def load_config(args, overrides: list[str]) -> Config:
     return cfg
 
 
-def cmd_data(args) -> None:
+def cmd_data(args) -> int:
     from pipeline.ingest import write_fashion_mnist, write_image_folder
 
+    if args.source == "verify":
+        from pipeline.verify import summary, verify_dataset
+
+        reports = verify_dataset(args.root, args.splits)
+        print(summary(reports))
+        return 0 if all(r.ok for r in reports) else 1
     if args.source == "fashion-mnist":
         manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard)
     elif args.source == "video":
@@ -179,6 +191,7 @@ def cmd_data(args) -> None:
     else:
         manifest = write_image_folder(args.path, args.out, args.mode, args.samples_per_shard)
     print(f"wrote {manifest}")
+    return 0
 
 
 def cmd_pretrain(args, overrides) -> Path:
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SSLPIPE_DEBUG", "") not in ("", "0")
     try:
         if args.command == "data":
-            cmd_data(args)
+            return cmd_data(args)
         elif args.command == "pretrain":
             cmd_pretrain(args, rest)
         elif args.command == "examples":

@@ -215,9 +215,9 @@ def read_remote_manifest(root: str) -> dict:
 
 
 def split_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
+    """The split's shard URLs (local paths or URLs under `root`), each carrying its manifest count (`ShardUrl`)."""
     if split not in manifest["splits"]:
         raise KeyError(f"split {split!r} is not in {manifest_location(root)}; available: {sorted(manifest['splits'])}")
-    """The split's shard URLs (local paths or URLs under `root`), each carrying its manifest count (`ShardUrl`)."""
     shards = manifest["splits"][split]["shards"]
     place = (lambda file: join_url(str(root), file)) if is_url(root) else (lambda file: str(Path(root) / file))
     return [ShardUrl(place(shard["file"]), shard.get("count")) for shard in shards]
