@@ -18,7 +18,7 @@ from eval.linear_probe import linear_probe
 from eval.report import write_results
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, reset_security_switches
 from pipeline.data import BadSamples, ImageDecoder, check_urls
 from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
@@ -30,7 +30,9 @@ log = logging.getLogger("sslpipe.eval")
 def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Config, nn.Module, dict]:
     """The run's config and its pretrained backbone, rebuilt with timm (no pretext code involved)."""
     file, state = load_valid_checkpoint(path)  # the newest readable one (a corrupted newest is reported and skipped)
-    cfg = Config.from_dict(state["config"], check_task=False)  # eval needs the backbone, not the task
+    # Eval needs the backbone, not the task; the stored config may be someone else's: its security
+    # switches (shell URLs) are off unless this user's command line turns them on.
+    cfg = reset_security_switches(Config.from_dict(state["config"], check_task=False))
     if data_root:
         cfg.data.root = data_root
     backbone = create_backbone(cfg.model, state["manifest"]["channels"])

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, untrusted_overrides
 
 log = logging.getLogger("sslpipe")
 
@@ -150,6 +150,9 @@ def load_config(args, overrides: list[str]) -> Config:
     if getattr(args, "resume", None) and not path:
         path = Path(args.resume) / "config.yaml"
     flags = []
+    # A run directory's config.yaml may come from someone else: its security switches are reset
+    # before this command line's overrides and flags apply.
+    trusted = [] if args.config else untrusted_overrides()
     if getattr(args, "resume", None):
         flags.append(f"run_dir={Path(args.resume).resolve()}")
     if args.address:
@@ -159,7 +162,7 @@ def load_config(args, overrides: list[str]) -> Config:
     if args.gpu:
         flags.append("scaling.use_gpu=true")
     flags += [f"data.{key}=true" for key in input_overrides(args)]
-    cfg = Config.load(path, [*overrides, *flags])
+    cfg = Config.load(path, [*trusted, *overrides, *flags])
     from pipeline.backbone import check_backbone
 
     check_backbone(cfg.model)

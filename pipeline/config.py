@@ -365,3 +365,23 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name: unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     check_task_options(cfg.task.name, cfg.task.options)
+
+
+# Switches that let a dataset run code on this machine. They come only from the command line or the
+# user's own --config, never from a checkpoint or a run directory (those may be someone else's).
+SECURITY_SWITCHES = {"data.allow_shell_urls": False}
+
+
+def untrusted_overrides() -> list[str]:
+    """Overrides that put the security switches back to their safe values; apply them right after
+    loading a config from a checkpoint or run directory, before the user's own overrides."""
+    return [f"{key}={str(value).lower()}" for key, value in SECURITY_SWITCHES.items()]
+
+
+def reset_security_switches(cfg: "Config") -> "Config":
+    """`cfg` (read from a checkpoint) with every security switch at its safe value."""
+    for key, value in SECURITY_SWITCHES.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+

@@ -298,3 +298,30 @@ def test_training_stream_with_no_readable_shard_fails_instead_of_waiting_forever
     loader = train_loader(urls, 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 8, loader_workers=0, seed=0)
     with pytest.raises(ShardError, match=r"20 shard reads failed and not one sample was read .*empty"):
         next(iter(loader))
+
+
+def test_a_checkpoint_cannot_switch_shell_urls_on(shards, tmp_path, monkeypatch):
+    """Someone else's run asks for `pipe:` shard URLs (its data.root runs `cat`, and its config has
+    data.allow_shell_urls=true). Evaluating, exporting or resuming it must not run the command
+    unless this user passes --allow-shell-urls."""
+    import shutil
+
+    from eval.evaluate import evaluate
+    from eval.export import export_features
+    from pipeline.cli import main
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+    from tests.test_train import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(shards, tmp_path / "shards")
+    shutil.copytree(shards, tmp_path / "pipe:cat shards")  # holds the manifest; the shards stream through `cat`
+    cfg = tiny_config("pipe:cat shards", tmp_path / "run", train__steps=2, train__checkpoint_every=2, data__allow_shell_urls=True)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))  # the other user's run, shell URLs on
+    with pytest.raises(ShardError, match="runs a shell command; pass --allow-shell-urls"):
+        evaluate(cfg.run_dir, tmp_path / "eval", baselines=[])
+    with pytest.raises(ShardError, match="runs a shell command"):
+        export_features(cfg.run_dir, tmp_path / "export")
+    assert main(["pretrain", "--local", "--resume", str(cfg.run_dir), "--train.steps=3"]) == 2
+    # This user's own flag turns them on.
+    assert evaluate(cfg.run_dir, tmp_path / "eval", baselines=[], data_options={"allow_shell_urls": True})["rows"]["pretrained"]
