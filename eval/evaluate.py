@@ -67,7 +67,8 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     for k in cfg.eval.knn_k:
         result["knn"][str(k)] = knn_accuracy(train.features, train.labels, test.features, test.labels, k, cfg.eval.knn_temperature)
     probe = linear_probe(train.features, train.labels, test.features, test.labels, cfg.eval.linear_C, cfg.eval.linear_val_fraction)
-    result.update(linear=probe.accuracy, linear_C=probe.best_C, linear_val_accuracy={str(c): a for c, a in probe.val_accuracy.items()})
+    result.update(linear=probe.accuracy, linear_C=probe.best_C, linear_val_accuracy={str(c): a for c, a in probe.val_accuracy.items()},
+                  linear_converged=probe.converged)
     return result
 
 

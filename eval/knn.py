@@ -29,7 +29,9 @@ def knn_predict(
         queries = F.normalize(test_features[start : start + chunk_size].float(), dim=1)  # (Q, D)
         similarity = queries @ bank.T  # (Q, N)
         top_sim, top_idx = similarity.topk(k, dim=1)  # (Q, k)
-        weights = (top_sim / temperature).exp()
+        # exp of the similarity above the row's best: the same votes up to a per-row factor, and no
+        # overflow (exp(1 / T) is inf in float32 below T = 0.011).
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype)
         votes.scatter_add_(1, train_labels[top_idx].long(), weights)  # (Q, C)
         predictions.append(votes.argmax(1))

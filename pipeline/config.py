@@ -73,6 +73,10 @@ class TrainConfig:
     sync_batchnorm: bool = False  # batch-norm statistics over the global batch with >1 worker (pipeline/sync_batchnorm.py)
     seed: int = 0
     resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
+    # On resume with more train.steps than the run had (extending it): "continue" keeps the run's
+    # learning-rate curve (past its end the last value holds), "restart" runs a new warm-up and
+    # cosine over the added steps from optim.lr (a new --optim.lr applies only with "restart").
+    resume_schedule: Literal["continue", "restart"] = "continue"
 
 
 @dataclass

@@ -63,6 +63,7 @@ class BadSamples:
         self.bad = multiprocessing.Value("q", 0)
         self.bad_shards = multiprocessing.Value("q", 0)
         self.short = multiprocessing.Value("q", 0)  # samples missing from shards read short (also in bad)
+        self.failed_in_a_row = multiprocessing.Value("q", 0)  # shard reads failed since the last good sample
 
     @classmethod
     def for_config(cls, data_cfg) -> "BadSamples":
@@ -97,11 +98,18 @@ class BadSamples:
         with self.bad_shards.get_lock():
             self.bad_shards.value += 1
             bad_shards = self.bad_shards.value
+        with self.failed_in_a_row.get_lock():
+            self.failed_in_a_row.value += 1
+            in_a_row = self.failed_in_a_row.value
         url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), "?")
         message = exn.args[0] if exn.args else repr(exn)
+        # The training stream repeats its shards forever: without these it would retry forever when
+        # no shard was ever readable, or when every shard stopped being readable mid-run (storage gone).
         if self.seen.value == 0 and bad_shards >= self.max_unreadable_shards:
-            # The training stream repeats its shards forever: without this it would wait forever.
             raise ShardError(f"{bad_shards} shard reads failed and not one sample was read (last: shard {url}: {message})")
+        if in_a_row >= self.max_unreadable_shards:
+            raise ShardError(f"{in_a_row} shard reads in a row failed, with no good sample between them (last: shard {url}: "
+                             f"{message}); is the storage gone?")
         log.warning("shard %s: %s; skipping the rest of this shard", url, message)
         return True  # go on with the next shard
 
@@ -141,10 +149,13 @@ class GuardedDecoder:
         with self.policy.seen.get_lock():
             self.policy.seen.value += 1
         try:
-            return self.decoder(sample)
+            decoded = self.decoder(sample)
         except ShardError as err:
             self.policy.sample_failed(err)
             return None
+        if self.policy.failed_in_a_row.value:
+            self.policy.failed_in_a_row.value = 0
+        return decoded
 
 
 def is_sample(sample) -> bool:

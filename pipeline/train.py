@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -100,10 +101,38 @@ def split_augmentation(cfg: Config, task):
     return ImageOnly(), transform
 
 
+def resumed_schedule(cfg: Config, state: dict, lr: float) -> dict:
+    """The span of the learning-rate curve after a resume: the run's own (a crashed run, or an
+    extension with train.resume_schedule=continue), or a new one over the added steps (restart)."""
+    span = state.get("schedule") or {"start": 0, "steps": state["config"]["train"]["steps"]}  # checkpoints before spans
+    if cfg.train.resume_schedule == "restart":
+        return {"start": state["step"], "steps": max(1, cfg.train.steps - state["step"])}
+    saved = state["config"]
+    saved_lr = saved["optim"]["lr"] * saved["train"]["global_batch_size"] / 256
+    if abs(saved_lr - lr) > 1e-12 * max(1.0, abs(lr)):
+        raise ConfigError(f"optim.lr (scaled to the batch: {lr:g}) differs from the run's ({saved_lr:g}); the resumed learning-rate "
+                          f"curve is the run's own: pass --train.resume_schedule=restart to start a new one from optim.lr")
+    if cfg.train.steps > span["start"] + span["steps"]:
+        log.warning("train.steps=%d extends the run past its learning-rate curve (steps %d-%d): the last value holds for the "
+                    "added steps; --train.resume_schedule=restart runs a new warm-up and cosine over them instead",
+                    cfg.train.steps, span["start"], span["start"] + span["steps"])
+    return span
+
+
+def span_schedule(curve, span: dict):
+    """The curve `curve(step - start)` over `span`, holding its last value after the span ends."""
+    def multiplier(step: int) -> float:
+        return curve(min(max(step - span["start"], 0), span["steps"]))
+    return multiplier
+
+
 def train_worker(cfg: Config, session) -> dict:
     """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
     run_dir = Path(cfg.run_dir)
+    # Python's random drives some tasks' transforms (rotation, jigsaw, context): loader worker
+    # processes get it seeded by torch's DataLoader; with data.loader_workers=0 they run here.
     torch.manual_seed(cfg.train.seed + session.rank)
+    random.seed(cfg.train.seed * 1000 + session.rank)
     device = session.device
     manifest = read_manifest(cfg.data.root)
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
@@ -122,11 +151,11 @@ def train_worker(cfg: Config, session) -> dict:
     # Linear scaling rule: optim.lr is quoted for a global batch of 256.
     lr = cfg.optim.lr * cfg.train.global_batch_size / 256
     optimizers = task.make_optimizers(cfg.optim, lr)
-    schedule = warmup_cosine(total, cfg.optim.warmup_steps, cfg.optim.schedule)
-    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, schedule) for name, opt in optimizers.items()}
+    fresh_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in optimizers.items()}
     autocast, scaler = autocast_factory(device, cfg.train.amp)
 
     start = 0
+    schedule_span = {"start": 0, "steps": total}  # the steps the learning-rate curve runs over
     state = session.load_latest(cfg.train.resume_from)
     if state is not None:
         try:
@@ -135,14 +164,29 @@ def train_worker(cfg: Config, session) -> dict:
             raise CheckpointError(f"checkpoint at step {state['step']} does not fit task {cfg.task.name!r} / {cfg.model.backbone}: {err}") from err
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
         if state["scaler"]:  # empty when saved without fp16 loss scaling (CPU, bf16)
             scaler.load_state_dict(state["scaler"])
         start = state["step"]
-        if session.rank == 0:
-            log.info("resumed from step %d", start)
+        schedule_span = resumed_schedule(cfg, state, lr)
         if start >= total and session.rank == 0:
             log.warning("the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue", start, total)
+    schedule = span_schedule(warmup_cosine(schedule_span["steps"], cfg.optim.warmup_steps, cfg.optim.schedule), schedule_span)
+    schedulers = {}
+    for name, opt in optimizers.items():
+        if state is not None and schedule_span["start"] > 0:  # a new curve from the task's configured rates
+            for group, fresh in zip(opt.param_groups, fresh_lrs[name]):
+                group["initial_lr"] = fresh
+        schedulers[name] = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        if state is not None:
+            if schedule_span["start"] == 0:  # the run's own curve: its base rates and position
+                schedulers[name].load_state_dict(state["schedulers"][name])
+            schedulers[name].last_epoch = start
+            for group in opt.param_groups:  # the rate of step start + 1, the next one to run
+                group["lr"] = group["initial_lr"] * schedule(start)
+            schedulers[name]._last_lr = [group["lr"] for group in opt.param_groups]
+    if state is not None and session.rank == 0:
+        log.info("resumed from step %d at lr %.4g (%s schedule over steps %d-%d)", start, schedulers[next(iter(schedulers))].get_last_lr()[0],
+                 "restarted" if schedule_span["start"] else "the run's", schedule_span["start"], schedule_span["start"] + schedule_span["steps"])
     task.prepare_distributed(session.wrap)
 
     batch_size = cfg.train.global_batch_size // session.world_size
@@ -208,6 +252,7 @@ def train_worker(cfg: Config, session) -> dict:
                     "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                     "scaler": scaler.state_dict(),
                     "step": step,
+                    "schedule": schedule_span,
                     "config": cfg.to_dict(),
                     "manifest": encoder_input,
                     "eval_encoder": task.eval_encoder,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +299,23 @@ def test_training_stream_with_no_readable_shard_fails_instead_of_waiting_forever
     loader = train_loader(urls, 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 8, loader_workers=0, seed=0)
     with pytest.raises(ShardError, match=r"20 shard reads failed and not one sample was read .*empty"):
         next(iter(loader))
+
+
+def test_training_stream_skips_a_shard_deleted_mid_run_and_stops_when_all_are_gone(tmp_path, caplog):
+    urls = [write_raw_shard(tmp_path / f"s{i}.tar", [dict(g, __key__=f"s{i}_{j}") for j, g in enumerate(GOOD)]) for i in range(3)]
+    loader = train_loader(urls, 0, 1, decoder(), lambda s: (s["image"], s["label"]), 4, 4, loader_workers=0, seed=0)
+    batches = iter(loader)
+    next(batches)
+    (tmp_path / "s1.tar").unlink()  # one shard deleted while the stream reads: skipped with a warning
+    with caplog.at_level(logging.WARNING, logger="sslpipe.data"):
+        for _ in range(12):  # 48 samples: passes over the 12 left in two shards
+            images, _ = next(batches)
+    assert "s1.tar" in caplog.text
+    for url in urls:  # storage gone: every read fails from here on
+        Path(url).unlink(missing_ok=True)
+    with pytest.raises(ShardError, match=r"20 shard reads in a row failed, with no good sample between them .*storage gone"):
+        for _ in range(100):
+            next(batches)
 
 
 def test_a_checkpoint_cannot_switch_shell_urls_on(shards, tmp_path, monkeypatch):

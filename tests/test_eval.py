@@ -56,9 +56,33 @@ def test_logistic_regression_matches_scikit_learn_objective():
     y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.5, size=300) > 0).astype(int) + (x[:, 2] > 1).astype(int)
     C = 0.5
     reference = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x, y)
-    weight, bias = fit_logistic_regression(torch.from_numpy(x), torch.from_numpy(y), C, num_classes=3)
+    fit = fit_logistic_regression(torch.from_numpy(x), torch.from_numpy(y), C, num_classes=3)
+    weight, bias = fit.weight, fit.bias
     ours_proba = torch.softmax(torch.from_numpy(x) @ weight.double() + bias.double(), 1).numpy()
     assert np.abs(ours_proba - reference.predict_proba(x)).max() < 1e-3
+
+
+def test_logistic_regression_iterates_to_its_tolerance_on_ill_conditioned_features():
+    """Feature scales from 1 to 100 (unstandardized): 200 L-BFGS iterations, where the solver used to
+    stop, leave a gradient of about 0.06; the fit must reach the tolerance and say so."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(2000, 64) * torch.logspace(0, 2, 64)
+    y = (x[:, :5].sum(1) + torch.randn(2000)).gt(0).long() + (x[:, 5:10].sum(1) > 0).long()
+    fit = fit_logistic_regression(x, y, 1.0, 3, max_iter=5000)
+    weight, bias = fit.weight.clone().requires_grad_(), fit.bias.clone().requires_grad_()
+    (F.cross_entropy(x.double() @ weight + bias, y) + (weight**2).sum() / (2 * 1.0 * 2000)).backward()
+    assert fit.converged and fit.iterations > 200 and max(weight.grad.abs().max(), bias.grad.abs().max()) <= 1e-4
+    short = fit_logistic_regression(x, y, 1.0, 3, max_iter=50)
+    assert not short.converged and short.gradient > 1e-4  # reported, not hidden
+
+
+def test_knn_weights_do_not_overflow_at_a_low_temperature():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    labels = torch.tensor([0, 1, 1])
+    # exp(1 / 0.005) overflows float32; the vote must still go to the nearest neighbour's class.
+    assert knn_predict(bank, labels, torch.tensor([[1.0, 0.01]]), k=3, temperature=0.005).tolist() == [0]
 
 
 def test_linear_probe_beats_chance_by_far_on_separable_data_and_chooses_C_without_test():

@@ -82,6 +82,52 @@ def test_resume_continues_from_the_saved_step_with_optimizer_state(shards, tmp_p
     assert final["optimizers"]["main"]["state"][0]["step"] == first["optimizers"]["main"]["state"][0]["step"] + 20
 
 
+def test_crash_resume_keeps_the_learning_rate_of_an_uninterrupted_run(shards, tmp_path):
+    whole = tiny_config(shards, tmp_path / "whole", train__steps=40, train__log_every=5, train__checkpoint_every=40)
+    train_worker(whole, LocalSession(whole.run_dir, device="cpu"))
+    crashed = tiny_config(shards, tmp_path / "crashed", train__steps=20, train__log_every=5, train__checkpoint_every=20)
+    train_worker(crashed, LocalSession(crashed.run_dir, device="cpu"))
+    # What a crash at step 20 of a 40-step run leaves: rewrite the checkpoint's config as the 40-step run's.
+    resumed = tiny_config(shards, tmp_path / "crashed", train__steps=40, train__log_every=5, train__checkpoint_every=40)
+    from pipeline.checkpoint import write_local_checkpoint
+
+    state = load_checkpoint(crashed.run_dir)
+    state["config"]["train"]["steps"], state["schedule"] = 40, {"start": 0, "steps": 40}
+    write_local_checkpoint(state, Path(crashed.run_dir) / "checkpoints", keep=5)
+    train_worker(resumed, LocalSession(resumed.run_dir, device="cpu"))
+    lrs = lambda run: {r["step"]: r["lr"] for r in read_metrics(run)}  # noqa: E731
+    assert all(abs(lrs(resumed.run_dir)[s] - lrs(whole.run_dir)[s]) < 1e-12 for s in (25, 30, 35, 40))
+
+
+def test_extending_a_finished_run_continues_its_decayed_rate_or_restarts_on_purpose(shards, tmp_path, caplog):
+    import logging
+
+    from pipeline.config import ConfigError
+
+    cfg = tiny_config(shards, tmp_path / "run", train__steps=20, train__log_every=5, train__checkpoint_every=20)
+    train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    final_lr = read_metrics(cfg.run_dir)[-1]["lr"]
+    assert final_lr < 1e-3 * 0.05 * 32 / 256  # the cosine has decayed to (almost) 0
+    longer = tiny_config(shards, tmp_path / "run", train__steps=30, train__log_every=5, train__checkpoint_every=30)
+    with caplog.at_level(logging.INFO, logger="sslpipe.train"):
+        train_worker(longer, LocalSession(longer.run_dir, device="cpu"))
+    extra = [r["lr"] for r in read_metrics(cfg.run_dir) if r["step"] > 20]
+    assert extra == [final_lr, final_lr]  # not back up to 0.05: the run's curve holds its last value
+    assert "extends the run past its learning-rate curve" in caplog.text and "resumed from step 20 at lr" in caplog.text
+    # A new optim.lr with the run's own curve is refused, not silently ignored.
+    with pytest.raises(ConfigError, match="resume_schedule=restart"):
+        train_worker(tiny_config(shards, tmp_path / "run", train__steps=40, optim__lr=0.01), LocalSession(longer.run_dir, device="cpu"))
+    # Restart: a new warm-up (5 steps) and cosine over steps 30-50 from the new rate.
+    restart = tiny_config(shards, tmp_path / "run", train__steps=50, train__log_every=1, train__checkpoint_every=50,
+                          optim__lr=0.01, train__resume_schedule="restart")
+    train_worker(restart, LocalSession(restart.run_dir, device="cpu"))
+    rates = {r["step"]: r["lr"] for r in read_metrics(cfg.run_dir) if r["step"] > 30}
+    # Logged after each step: the rate the next step will use (step 31 ran at 1/5 of it). The
+    # rate is quoted for a batch of 256 and scaled to the tiny config's 32.
+    base = 0.01 * 32 / 256
+    assert rates[31] == pytest.approx(base * 2 / 5) and rates[34] == pytest.approx(base) and rates[50] < 1e-3 * base
+
+
 class NotATensor:
     pass
 
@@ -180,3 +226,16 @@ def test_colorization_trains_on_rgb_shards_and_is_evaluated_on_grayscale(tmp_pat
     assert (decoder.mode, len(state["manifest"]["mean"])) == ("L", 1)
     results = evaluate(cfg.run_dir, baselines=["random_init"])
     assert set(results["rows"]) == {"random_init", "pretrained"}
+
+
+@pytest.mark.parametrize("task", ["jigsaw", "context_prediction"])
+def test_in_process_loading_is_seeded_so_two_runs_agree(shards, tmp_path, task):
+    """With data.loader_workers=0 the transforms' Python `random` runs in the training process; it
+    is seeded per rank like torch, so the same config trains the same way twice."""
+    losses = []
+    for attempt in range(2):
+        cfg = tiny_config(shards, tmp_path / f"run{attempt}", task__name=task, data__loader_workers=0, train__steps=4,
+                          train__log_every=1, train__checkpoint_every=4)
+        train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+        losses.append([row["loss"] for row in read_metrics(cfg.run_dir)])
+    assert losses[0] == losses[1]
