@@ -26,13 +26,18 @@ class CheckpointError(RuntimeError):
 
 def write_checkpoint(state: dict, directory: Path) -> Path:
     """Writes into `directory` (created). Files are written under temporary names, then renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (CHECKPOINT_FILE + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-    meta = {"step": state["step"], "task": state["config"]["task"]["name"], "backbone": state["config"]["model"]["backbone"]}
-    (directory / (META_FILE + ".partial")).write_text(json.dumps(meta))
-    os.replace(directory / (META_FILE + ".partial"), directory / META_FILE)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, directory / CHECKPOINT_FILE)
+        meta = {"step": state["step"], "task": state["config"]["task"]["name"], "backbone": state["config"]["model"]["backbone"]}
+        (directory / (META_FILE + ".partial")).write_text(json.dumps(meta))
+        os.replace(directory / (META_FILE + ".partial"), directory / META_FILE)
+    except OSError as err:  # a full disk, a lost mount: stop naming the place; what was written before stays
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the checkpoint of step {state['step']} to {directory}: "
+                              f"{err.strerror or err}; the previous checkpoints are untouched") from err
     return directory
 
 
@@ -41,7 +46,11 @@ def write_local_checkpoint(state: dict, checkpoints_dir: Path, keep: int) -> Pat
     final = checkpoints_dir / f"step_{state['step']:08d}"
     tmp = checkpoints_dir / f".tmp_step_{state['step']:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(state, tmp)
+    try:
+        write_checkpoint(state, tmp)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written directory left behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(checkpoints_dir.glob("step_*"))[:-keep]:

@@ -12,6 +12,8 @@ from pipeline.config import Config, ConfigError, untrusted_overrides
 
 log = logging.getLogger("sslpipe")
 
+SHARD_SIZE_HELP = ("samples per shard (default 0: at least 16 shards per split where the data allows, at most 5000 samples each, "
+                   "so small datasets train on many workers)")
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --optim.lr=0.05 --train.steps=2000), applied after --config"
 
 
@@ -31,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "../shared/data/fashion-mnist, /usr/share/datasets/fashion-mnist (in that order).")
     fmnist.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     fmnist.add_argument("--src", help="folder holding the four idx .gz files")
-    fmnist.add_argument("--samples-per-shard", type=int, default=5000)
+    fmnist.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     folder = sources.add_parser("folder", help="an image tree (PATH/[train|val|test/]<class>/img) -> shards",
                                 description="Class-per-subfolder images; labels are optional (images directly in PATH). "
                                             "Subfolders train/, val/, test/ become splits; otherwise everything is 'train'.")
     folder.add_argument("path", help="root of the image tree")
     folder.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     folder.add_argument("--mode", default="RGB", choices=["RGB", "L"], help="colour mode images are converted to when read")
-    folder.add_argument("--samples-per-shard", type=int, default=5000)
+    folder.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     video = sources.add_parser("video", help="video files with sound -> audio-visual shards (frame, audio window, record)",
                                description="PATH is a video or a folder of them (class subfolders give labels, as for `data folder`). "
                                            "Frames every 1/FPS s, centre-cropped and resized, each with the mono audio window centred on "
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class's videos held out as 'test' (default: 0.2)")
     video.add_argument("--seed", type=int, default=0, help="seed of the train/test split of videos")
     video.add_argument("--workers", type=int, default=1, help="videos decoded in parallel processes (default: 1)")
-    video.add_argument("--samples-per-shard", type=int, default=5000)
+    video.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     synth = sources.add_parser("av-synth", help="SYNTHETIC audio-visual clips (class-coloured moving shapes with class sounds) -> shards",
                                description="Procedural clips, not real data: each class has its own shape, colour, motion, pitch, "
                                            "timbre and rhythm. Writes the samples `data video` would make from the clips, "

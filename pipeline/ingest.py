@@ -10,7 +10,7 @@ from pipeline.sources import FASHION_MNIST_CLASSES, find_fashion_mnist, iter_fol
 log = logging.getLogger("sslpipe.data")
 
 
-def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_shard: int = 5000) -> Path:
+def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_shard: int = 0) -> Path:
     """Fashion-MNIST (60k train, 10k test, 28x28 grayscale) as PNG + class-label shards."""
     folder = find_fashion_mnist(src)
     log.info("reading Fashion-MNIST from %s", folder.resolve())
@@ -22,7 +22,7 @@ def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_sha
     return write_manifest(out, "fashion-mnist", FASHION_MNIST_CLASSES, "L", splits)
 
 
-def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", samples_per_shard: int = 5000) -> Path:
+def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", samples_per_shard: int = 0) -> Path:
     """A class-per-subfolder image tree (labels optional) as shards, keeping the original encoded bytes."""
     if mode not in ("L", "RGB"):
         raise ValueError(f"--mode {mode!r}: choose from ['L', 'RGB']")

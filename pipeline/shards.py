@@ -80,17 +80,33 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Shard sizing when the caller does not fix it (samples_per_shard=0): enough shards per split for
+# many Ray workers x loader workers to each get their own (a 1,797-image folder written as one
+# 5,000-sample shard could not train on the default 2 workers), at most MAX_SAMPLES_PER_SHARD each.
+MIN_SHARDS_PER_SPLIT = 16
+MAX_SAMPLES_PER_SHARD = 5000
+
+
+def auto_samples_per_shard(total: int) -> int:
+    """Samples per shard for a split of `total` samples (0: unknown in advance): MIN_SHARDS_PER_SPLIT
+    shards where the data allows, none larger than MAX_SAMPLES_PER_SHARD."""
+    if total <= 0:
+        return MAX_SAMPLES_PER_SHARD
+    return max(1, min(MAX_SAMPLES_PER_SHARD, -(-total // MIN_SHARDS_PER_SPLIT)))
+
+
 def write_split(
     samples: Iterable[Sample],
     out_dir: Path,
     split: str,
     total: int,
     mode: str,
-    samples_per_shard: int = 5000,
+    samples_per_shard: int = 0,
     audio: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """Writes one split as `<split>-000000.tar`, ... and returns its manifest entry.
+    `samples_per_shard` 0 sizes shards from `total` (`auto_samples_per_shard`).
 
     `audio` (the manifest's {"sample_rate", "samples"}) marks an audio-visual dataset: each sample
     must then carry an audio entry of exactly that rate and length in `Sample.extra`, checked here
@@ -102,6 +118,7 @@ def write_split(
     never leaves a truncated shard that looks finished.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    samples_per_shard = samples_per_shard or auto_samples_per_shard(total)
     shards: list[dict] = []
     stats = ChannelStats()
     sizes: set[tuple[int, int]] = set()

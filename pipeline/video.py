@@ -236,7 +236,7 @@ def video_ids(paths: list[Path], root: Path) -> list[str]:
 
 def write_video_dataset(path: str | Path, out: str | Path, fps: float = 2.0, sample_rate: int = 16000, window: float = 1.0,
                         image_size: int = 64, labels: str | Path | None = None, test_fraction: float = 0.2, seed: int = 0,
-                        workers: int = 1, samples_per_shard: int = 5000) -> Path:
+                        workers: int = 1, samples_per_shard: int = 0) -> Path:
     """Videos under `path` as train/test audio-visual shards plus manifest.json (with "audio")."""
     for option, value, ok in (("--fps", fps, fps > 0), ("--sample-rate", sample_rate, sample_rate > 0), ("--window", window, window > 0),
                               ("--image-size", image_size, image_size > 0), ("--test-fraction", test_fraction, 0 <= test_fraction < 1),

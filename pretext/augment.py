@@ -46,13 +46,15 @@ class ViewAugment:
     ratio = (3 / 4, 4 / 3)
 
     def __init__(self, size: int, channels: int, crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4,
-                 blur: float = 0.0, mean: list[float] | None = None, std: list[float] | None = None):
+                 blur: float = 0.0, mean: list[float] | None = None, std: list[float] | None = None, rotate: float = 0.0,
+                 erase: float = 0.0):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={list(crop_scale)}: need 0 < low <= high <= 1")
-        if not 0 <= blur <= 1 or jitter < 0:
-            raise ValueError(f"blur={blur} must be a probability and jitter={jitter} >= 0")
+        if not 0 <= blur <= 1 or not 0 <= erase <= 1 or jitter < 0 or not 0 <= rotate <= 180:
+            raise ValueError(f"blur={blur} and erase={erase} must be probabilities, jitter={jitter} >= 0, rotate={rotate} in [0, 180] degrees")
         self.size, self.channels = size, channels
         self.crop_scale, self.jitter, self.blur = tuple(crop_scale), jitter, blur
+        self.rotate, self.erase = rotate, erase
         self.mean = torch.tensor(mean if mean is not None else [0.0] * channels).view(1, -1, 1, 1)
         self.std = torch.tensor(std if std is not None else [1.0] * channels).view(1, -1, 1, 1)
         self.blur_kernel = max(3, (size // 10) | 1)  # about a tenth of the side, odd (SimCLR)
@@ -63,14 +65,17 @@ class ViewAugment:
             return self(images.unsqueeze(0))[0]
         out = self.crop(images, self.crop_boxes(images.shape[0], images.device))
         out = self.colour(out)
+        if self.erase > 0:
+            out = self.random_erase(out)
         if self.blur > 0:
             sigma = _uniform(0.1, 2.0, out.shape[0], out.device)
             out = self.gaussian_blur(out, torch.where(_chance(self.blur, out.shape[0], out.device), sigma, torch.zeros_like(sigma)))
         return out
 
     def crop_boxes(self, batch: int, device) -> Tensor:
-        """(B, 5): centre x, centre y, half-width, half-height (in [-1, 1] image coordinates, as
-        `affine_grid` uses) and the flip sign of each image's crop."""
+        """(B, 6): centre x, centre y, half-width, half-height (in [-1, 1] image coordinates, as
+        `affine_grid` uses), the flip sign and the rotation (radians, within +-`rotate` degrees) of
+        each image's crop."""
         area = _uniform(*self.crop_scale, batch, device)
         log_ratio = _uniform(math.log(self.ratio[0]), math.log(self.ratio[1]), batch, device)
         half_w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
@@ -78,17 +83,42 @@ class ViewAugment:
         centre_x = (torch.rand(batch, device=device) * 2 - 1) * (1 - half_w)
         centre_y = (torch.rand(batch, device=device) * 2 - 1) * (1 - half_h)
         flip = torch.where(_chance(0.5, batch, device), -1.0, 1.0)
-        return torch.stack([centre_x, centre_y, half_w, half_h, flip], dim=1)
+        angle = _uniform(-self.rotate, self.rotate, batch, device) * math.pi / 180 if self.rotate else torch.zeros(batch, device=device)
+        return torch.stack([centre_x, centre_y, half_w, half_h, flip, angle], dim=1)
 
     def crop(self, images: Tensor, boxes: Tensor) -> Tensor:
-        """Resamples each image's box (rows of `crop_boxes`) to size x size; a negative flip mirrors it."""
+        """Resamples each image's box (rows of `crop_boxes`; 5 columns: no rotation) to size x size; a
+        negative flip mirrors it, a rotation turns the box about its centre (corners that leave the
+        image repeat its border)."""
+        angle = boxes[:, 5] if boxes.shape[1] > 5 else torch.zeros_like(boxes[:, 0])
+        cos, sin = angle.cos(), angle.sin()
         theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
-        theta[:, 0, 0] = boxes[:, 2] * boxes[:, 4]
+        theta[:, 0, 0] = boxes[:, 2] * boxes[:, 4] * cos
+        theta[:, 0, 1] = -boxes[:, 3] * sin
         theta[:, 0, 2] = boxes[:, 0]
-        theta[:, 1, 1] = boxes[:, 3]
+        theta[:, 1, 0] = boxes[:, 2] * boxes[:, 4] * sin
+        theta[:, 1, 1] = boxes[:, 3] * cos
         theta[:, 1, 2] = boxes[:, 1]
         grid = F.affine_grid(theta, [images.shape[0], images.shape[1], self.size, self.size], align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def random_erase(self, images: Tensor) -> Tensor:
+        """Random erasing (Zhong et al. 2020): with probability `erase`, a rectangle of 2-33% of the
+        area (aspect 0.3-3.3) is set to 0, the data's mean in normalized units."""
+        batch, _, height, width = images.shape
+        device = images.device
+        area = _uniform(0.02, 0.33, batch, device) * height * width
+        aspect = torch.exp(_uniform(math.log(0.3), math.log(3.3), batch, device))
+        box_h = torch.sqrt(area * aspect).clamp(1, height)
+        box_w = torch.sqrt(area / aspect).clamp(1, width)
+        top = torch.rand(batch, device=device) * (height - box_h)
+        left = torch.rand(batch, device=device) * (width - box_w)
+        rows = torch.arange(height, device=device).view(1, -1, 1)
+        cols = torch.arange(width, device=device).view(1, 1, -1)
+        inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+                  & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)))
+        erase = inside & _chance(self.erase, batch, device).view(-1, 1, 1)
+        return images.masked_fill(erase.unsqueeze(1), 0.0)
 
     def colour(self, images: Tensor) -> Tensor:
         if self.jitter <= 0:
@@ -154,9 +184,10 @@ class TwoViews:
     are drawn asymmetrically (BYOL)."""
 
     def __init__(self, size: int, channels: int, crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4,
-                 blur: tuple[float, float] = (0.0, 0.0), mean: list[float] | None = None, std: list[float] | None = None):
-        self.first = ViewAugment(size, channels, crop_scale, jitter, blur[0], mean, std)
-        self.second = ViewAugment(size, channels, crop_scale, jitter, blur[1], mean, std)
+                 blur: tuple[float, float] = (0.0, 0.0), mean: list[float] | None = None, std: list[float] | None = None,
+                 rotate: float = 0.0, erase: float = 0.0):
+        self.first = ViewAugment(size, channels, crop_scale, jitter, blur[0], mean, std, rotate, erase)
+        self.second = ViewAugment(size, channels, crop_scale, jitter, blur[1], mean, std, rotate, erase)
 
     def __call__(self, sample: dict) -> tuple[Tensor, Tensor]:
         image = sample["image"]

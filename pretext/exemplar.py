@@ -31,16 +31,20 @@ class Exemplar(PretextTask):
             global batch serve as extra negatives.
         key_momentum: EMA factor of the momentum key encoder (MoCo: 0.999 over 800 epochs; shorter
             runs need a faster key encoder).
+        rotate: views are turned by up to this many degrees either way (0: none).
+        erase: probability of random erasing in each view (0: none).
     """
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, proj_dim: int = 128, proj_hidden: list[int] = (512,),
                  crop_scale: list[float] = (0.3, 1.0), jitter: float = 0.4, gather: bool = True,
-                 queue_size: int = 0, key_momentum: float = 0.99, **kwargs):
+                 queue_size: int = 0, key_momentum: float = 0.99, rotate: float = 0.0, erase: float = 0.0, **kwargs):
         super().__init__(encoder, **kwargs)
         if queue_size < 0 or not 0 <= key_momentum < 1:
             raise ValueError(f"queue_size={queue_size} must be >= 0 and key_momentum={key_momentum} in [0, 1)")
         self.temperature, self.gather = temperature, gather
         self.crop_scale, self.jitter = tuple(crop_scale), jitter
+        self.rotate, self.erase = rotate, erase
+        self.sample_transform()  # bad augmentation options fail here, not in a loader worker
         self.head = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
         self.queue_size, self.key_momentum = queue_size, key_momentum
         if queue_size:
@@ -50,7 +54,8 @@ class Exemplar(PretextTask):
             self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
 
     def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, mean=self.data_mean, std=self.data_std)
+        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, mean=self.data_mean, std=self.data_std,
+                        rotate=self.rotate, erase=self.erase)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The two augmented views of each image, which must find each other in the batch."""

@@ -33,7 +33,8 @@ def test_crop_of_a_pixel_aligned_box_is_exactly_that_block_and_flip_mirrors_it()
 def test_crop_boxes_have_the_drawn_area_stay_inside_and_differ_per_image():
     augment = ViewAugment(28, 1, crop_scale=(0.3, 0.3))
     boxes = augment.crop_boxes(4096, "cpu")
-    centre_x, centre_y, half_w, half_h, flip = boxes.unbind(1)
+    centre_x, centre_y, half_w, half_h, flip, angle = boxes.unbind(1)
+    assert (angle == 0).all()  # rotate=0
     unclipped = (half_w < 1) & (half_h < 1)
     # Area fraction of the image: (2 half_w)(2 half_h) / 2^2.
     torch.testing.assert_close((half_w * half_h)[unclipped], torch.full((int(unclipped.sum()),), 0.3))
@@ -163,3 +164,22 @@ def test_augmentation_on_the_device_is_refused_for_a_per_sample_task(shards, tmp
     cfg = tiny_config(shards, tmp_path / "run", data__augment_on="device")  # rotation
     with pytest.raises(ConfigError, match="data.augment_on=device: task 'rotation'"):
         train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+
+
+def test_rotated_full_box_is_the_image_turned_a_quarter_and_erasing_blanks_one_rectangle():
+    images = ramp(1, 1, 8)
+    quarter = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, math.pi / 2]])
+    out = ViewAugment(8, 1, jitter=0).crop(images, quarter)
+    turned = [torch.rot90(images, k, dims=(-2, -1)) for k in (1, -1)]
+    assert any(torch.allclose(out, t, atol=1e-3) for t in turned) and not torch.allclose(out, images, atol=1e-3)
+    boxes = ViewAugment(8, 1, rotate=15).crop_boxes(2048, "cpu")
+    assert boxes[:, 5].abs().max() <= math.radians(15) + 1e-6 and boxes[:, 5].abs().max() > math.radians(14)
+    torch.manual_seed(0)
+    ones = torch.ones(2000, 1, 20, 20)
+    erased = ViewAugment(20, 1, jitter=0, erase=0.5).random_erase(ones)
+    blank = (erased == 0).flatten(1).sum(1).float() / 400
+    hit = blank > 0
+    assert 0.45 < hit.float().mean() < 0.55 and blank[hit].min() >= 0.005 and blank[hit].max() <= 0.4
+    for image in erased[hit][:20, 0]:  # one axis-aligned rectangle: its bounding box is all zeros
+        rows, cols = (image == 0).nonzero(as_tuple=True)
+        assert (image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 0).all()

@@ -251,3 +251,29 @@ def test_libpng_fast_path_matches_the_pil_path(mode):
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 65535, (12, 12), dtype=np.uint16)).save(buffer, format="PNG")
     assert ImageDecoder("L", 12, [0.3], [0.2]).decode_plain_png(buffer.getvalue()) is None
+
+
+def test_shard_size_gives_small_splits_sixteen_shards_and_caps_large_ones():
+    from pipeline.shards import auto_samples_per_shard
+
+    assert [auto_samples_per_shard(n) for n in (1, 10, 300, 1797, 60000, 10_000_000, 0)] == [1, 1, 19, 113, 3750, 5000, 5000]
+
+
+def test_a_300_image_folder_trains_on_two_ray_workers_with_default_shards(tmp_path, ray_local):
+    """The issue's case: a small folder written with the default shard size used to give one train
+    shard, and `sslpipe pretrain` with the default 2 workers stopped."""
+    from pipeline.launch import pretrain
+    from pipeline.metrics import read_metrics
+    from tests.test_train import tiny_config
+
+    images, labels = synthetic_images(300, 16, 5)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = tmp_path / "tree" / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    manifest = json.loads(write_image_folder(tmp_path / "tree", tmp_path / "out", mode="L").read_text())
+    assert len(manifest["splits"]["train"]["shards"]) == 16 and manifest["splits"]["train"]["count"] == 300
+    cfg = tiny_config(tmp_path / "out", tmp_path / "run", scaling__num_workers=2, train__steps=6, train__log_every=3,
+                      train__checkpoint_every=6)
+    run_dir = pretrain(cfg)
+    assert [r["step"] for r in read_metrics(run_dir)] == [3, 6]

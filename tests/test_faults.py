@@ -140,3 +140,81 @@ def test_pretrain_eval_and_export_write_only_under_their_output_folders(shards, 
     assert [p for p in home.rglob("*") if p.is_file() and ".cache/matplotlib" not in str(p)] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "home", "run", "work"]
     assert (run_dir / "eval" / "results.json").is_file() and (export_dir / "backbone.safetensors").is_file()
+
+
+@pytest.mark.ray
+def test_driver_killed_with_sigkill_resumes_losing_at_most_one_checkpoint_interval(shards, tmp_path):
+    """`sslpipe pretrain` (the Ray driver, with its embedded Ray) killed with SIGKILL mid-run:
+    `sslpipe pretrain --resume RUN_DIR` continues from the newest checkpoint on disk."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline.cli", "pretrain", f"--run_dir={run_dir}", f"--data.root={shards}",
+            "--model.backbone_kwargs={channels: [8, 16, 32, 64]}", "--data.shuffle_buffer=64", "--optim.name=adamw",
+            "--optim.lr=0.01", "--optim.weight_decay=0.0", "--train.global_batch_size=32", "--train.log_every=5",
+            "--train.checkpoint_every=10", "--num-workers=1", "--train.steps=100000"]
+    # Its own session: the kill takes the driver and the Ray processes it started, as an OOM killer or
+    # a lost node would, with no chance to clean up.
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and max(logged_steps(run_dir), default=0) < 35:
+            time.sleep(0.2)
+        killed_after = max(logged_steps(run_dir), default=0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert killed_after >= 35
+    newest = load_checkpoint(run_dir)
+    assert killed_after - 10 < newest["step"] + 10 and newest["step"] <= killed_after  # at most one interval lost
+
+    target = newest["step"] + 10
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "--resume", str(run_dir), f"--train.steps={target}"],
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    final = load_checkpoint(run_dir)
+    assert final["step"] == target and final["optimizers"]["main"]["state"][0]["step"] == target
+    assert logged_steps(run_dir)[-1] == target
+
+
+def test_a_failed_checkpoint_write_stops_the_run_naming_path_and_cause_and_keeps_the_previous(shards, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from pipeline import checkpoint as checkpoint_module
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.session import LocalSession
+    from pipeline.train import train_worker
+
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: the disk is full half-way through the file
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    cfg = tiny_config(shards, tmp_path / "run", train__steps=30, train__checkpoint_every=10, train__log_every=10)
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of step 20 to .*tmp_step_00000020: No space left on device"):
+        train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
+    assert load_checkpoint(cfg.run_dir)["step"] == 10  # the previous one loads
+    assert not list((Path(cfg.run_dir) / "checkpoints").glob(".tmp_*"))  # nothing half-written left
+
+
+def test_a_manifest_listing_a_missing_shard_fails_before_ray_starts(shards, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline import launch
+    from pipeline.data import ShardError
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    (data / "train-000003.tar").unlink()
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: pytest.fail("Ray was started"))
+    cfg = tiny_config(data, tmp_path / "run", scaling__num_workers=2)
+    with pytest.raises(ShardError, match=r"train-000003.tar' does not exist"):
+        launch.pretrain(cfg)
