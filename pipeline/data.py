@@ -45,6 +45,13 @@ class ShardError(RuntimeError):
     """A shard cannot be read or holds a bad sample; the message names shard and key."""
 
 
+def add(counter, amount: int) -> int:
+    """Adds to a shared multiprocessing counter under its lock; returns the new value."""
+    with counter.get_lock():
+        counter.value += amount
+        return counter.value
+
+
 class BadSamples:
     """The bad-input policy, with counts shared by all loader worker processes of one loader.
 
@@ -82,25 +89,22 @@ class BadSamples:
     def sample_failed(self, err: ShardError) -> None:
         if self.strict:
             raise err
-        with self.bad.get_lock():
-            self.bad.value += 1
-            bad = self.bad.value
+        bad = add(self.bad, 1)
         log.warning("skipping bad sample (%d so far): %s", bad, err)
-        seen = max(self.seen.value, 1)
+        self.check_fraction(err)
+
+    def check_fraction(self, last) -> None:
+        """Raises once more than max_fraction of the samples seen (after min_seen) were bad or missing."""
+        bad, seen = self.bad.value, max(self.seen.value, 1)
         if seen >= self.min_seen and bad / seen > self.max_fraction:
-            raise ShardError(f"{bad} of {seen} samples were bad, more than data.max_bad_fraction={self.max_fraction} "
-                             f"(last: {err}); fix the shards or raise the fraction")
+            raise ShardError(f"{bad} of {seen} samples were bad or missing, more than data.max_bad_fraction={self.max_fraction} "
+                             f"(last: {last}); fix the shards or raise the fraction")
 
     def shard_failed(self, exn: Exception) -> bool:
         """WebDataset handler for shard-level errors (truncated tar, unreadable file)."""
         if self.strict:
             raise_with_shard(exn)
-        with self.bad_shards.get_lock():
-            self.bad_shards.value += 1
-            bad_shards = self.bad_shards.value
-        with self.failed_in_a_row.get_lock():
-            self.failed_in_a_row.value += 1
-            in_a_row = self.failed_in_a_row.value
+        bad_shards, in_a_row = add(self.bad_shards, 1), add(self.failed_in_a_row, 1)
         url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), "?")
         message = exn.args[0] if exn.args else repr(exn)
         # The training stream repeats its shards forever: without these it would retry forever when
@@ -120,20 +124,10 @@ class BadSamples:
         if self.strict:
             raise ShardError(message)
         missing = listed - read
-        with self.bad_shards.get_lock():
-            self.bad_shards.value += 1
-        with self.short.get_lock():
-            self.short.value += missing
-        with self.seen.get_lock():
-            self.seen.value += missing
-        with self.bad.get_lock():
-            self.bad.value += missing
-            bad = self.bad.value
+        for counter, amount in ((self.bad_shards, 1), (self.short, missing), (self.seen, missing), (self.bad, missing)):
+            add(counter, amount)
         log.warning("%s; going on without the missing %d", message, missing)
-        seen = max(self.seen.value, 1)
-        if seen >= self.min_seen and bad / seen > self.max_fraction:
-            raise ShardError(f"{bad} of {seen} samples were bad or missing, more than data.max_bad_fraction={self.max_fraction} "
-                             f"(last: {message}); fix the shards or raise the fraction")
+        self.check_fraction(message)
 
     def decode(self, decoder: "ImageDecoder") -> "GuardedDecoder":
         return GuardedDecoder(decoder, self)

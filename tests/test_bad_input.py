@@ -120,7 +120,7 @@ def test_training_stream_warns_of_a_short_shard_on_every_pass(tmp_path, caplog):
 def test_too_many_bad_samples_abort_with_the_fraction(tmp_path):
     samples = [dict(GOOD[i % 6], __key__=f"g{i}") for i in range(20)] + [dict(BAD["undecodable"][0], __key__=f"b{i}") for i in range(5)]
     url = write_raw_shard(tmp_path / "mostly.tar", samples)
-    with pytest.raises(ShardError, match=r"3 of 23 samples were bad, more than data.max_bad_fraction=0.1 \(last: .*mostly.tar, key b2"):
+    with pytest.raises(ShardError, match=r"3 of 23 samples were bad or missing, more than data.max_bad_fraction=0.1 \(last: .*mostly.tar, key b2"):
         list(eval_loader([url], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(max_fraction=0.1, min_seen=10)))
     # Under the fraction: all good samples come through.
     loader = eval_loader([url], 0, 1, decoder(), 4, 0, bad_samples=BadSamples(max_fraction=0.25, min_seen=10))
