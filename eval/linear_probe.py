@@ -74,7 +74,8 @@ def fit_logistic_regression(features: Tensor, labels: Tensor, C: float, num_clas
         optimizer.step(closure)
         ran = optimizer.state[weight]["n_iter"] - before
         iterations += ran
-        closure()
+        with torch.enable_grad():  # callers may hold no_grad; L-BFGS enables it inside step() only
+            closure()
         gradient = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
         if gradient <= tolerance or ran < rounds:  # converged, or no progress left to make (tolerance_change)
             break

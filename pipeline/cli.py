@@ -309,7 +309,8 @@ def root_cause(err: BaseException, wanted: tuple[type[BaseException], ...]) -> B
 
 
 def one_line(err: BaseException) -> str:
-    """The message of an error without the traces that wrap it: a DataLoader worker's error comes
+    """The message of an error (our own may span lines, e.g. the places searched for a dataset)
+    without the traces that wrap it: a DataLoader worker's error comes
     back as "Caught ShardError in DataLoader worker process 0. Original Traceback ... ShardError:
     <message>", a Ray task's with its remote traceback in front."""
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -317,7 +318,7 @@ def one_line(err: BaseException) -> str:
         last = [line for line in message.strip().splitlines() if line.strip()][-1]
         name = type(err).__name__
         message = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
-    return message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    return message.strip() or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,12 @@ def test_linear_probe_beats_chance_by_far_on_separable_data_and_chooses_C_withou
 def test_knn_accuracy_is_fraction_correct():
     bank = torch.eye(3)
     assert knn_accuracy(bank, torch.tensor([0, 1, 2]), bank, torch.tensor([0, 1, 0]), k=1) == pytest.approx(2 / 3)
+
+
+def test_linear_probe_runs_under_no_grad():
+    """Eval code extracts features under torch.no_grad(); the probe enables gradients for itself."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 4), torch.randint(0, 2, (200,))
+    with torch.no_grad():
+        result = linear_probe(x, y, x, y, [1.0])
+    assert result.converged and 0 <= result.accuracy <= 1
