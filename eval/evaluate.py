@@ -125,7 +125,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "knn_k": cfg.eval.knn_k,
         "knn_temperature": cfg.eval.knn_temperature,
         "rows": rows,
-        "samples": read,
+        "input": read,  # scored against listed samples per split (shards read short show here)
         "seconds": round(time.perf_counter() - start, 1),
     }
     if is_audio_visual(task):  # audio features scored like the frames', retrieval both ways, AVC accuracy

@@ -93,7 +93,7 @@ def split_augmentation(cfg: Config, task):
     """(loader transform, batch augmentation or None) for `data.augment_on`: with "device" the
     loader only decodes and the task's view augmentation runs per batch in this process."""
     transform = task.sample_transform()
-    if cfg.data.augment_on == "loader":
+    if cfg.data.augment_on == "loader" or (cfg.data.augment_on == "auto" and not hasattr(transform, "on_batch")):
         return transform, None
     if not hasattr(transform, "on_batch"):
         raise ConfigError(f"data.augment_on=device: task {cfg.task.name!r} transforms samples one at a time "

@@ -286,8 +286,8 @@ def test_eval_of_a_dataset_with_a_truncated_test_shard_records_the_shortfall(sha
     # The loader worker process warns naming the shard (tested in process above); the eval's summary counts.
     assert "pretrained test: 11 bad sample(s) skipped of 48 read, 1 shard(s) cut short (11 sample(s) missing" in caplog.text
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["samples"]["test"]["listed"] == 48 and results["samples"]["test"]["scored"] == 37
-    assert results["samples"]["test"]["missing_samples"] == 11 and results["samples"]["train"]["missing_samples"] == 0
+    assert results["input"]["test"]["listed"] == 48 and results["input"]["test"]["scored"] == 37
+    assert results["input"]["test"]["missing_samples"] == 11 and results["input"]["train"]["missing_samples"] == 0
     assert main(["eval", str(cfg.run_dir), "--out", str(tmp_path / "eval-strict"), "--strict"]) == 2
 
 
