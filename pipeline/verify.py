@@ -14,7 +14,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.data import ImageDecoder, ShardError, decoder_for
 from pipeline.shards import read_manifest, split_urls
-from pipeline.storage import describe_error, display_url, is_url, open_url
+from pipeline.storage import describe_error, display_url, is_url, open_url, opens_with_fsspec
 
 log = logging.getLogger("sslpipe.data")
 
@@ -51,7 +51,8 @@ class ShardReport:
 
 
 def open_shard(url: str):
-    return open_url(url) if is_url(url) else gopen(url, "rb")
+    """The reader's own choice (storage.open_shards): fsspec for URLs, gopen for paths and file://."""
+    return open_url(url) if opens_with_fsspec(url) else gopen(url, "rb")
 
 
 def verify_shard(split: str, url: str, entry: dict, decoder: ImageDecoder, progress: tqdm | None = None) -> ShardReport:
