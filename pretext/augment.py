@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretext.grids import Panel
+
 # YIQ: hue is an angle in the IQ plane, so a hue shift is a rotation there (colour jitter's hue, batched).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
@@ -47,14 +49,16 @@ class ViewAugment:
 
     def __init__(self, size: int, channels: int, crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4,
                  blur: float = 0.0, mean: list[float] | None = None, std: list[float] | None = None, rotate: float = 0.0,
-                 erase: float = 0.0):
+                 erase: float = 0.0, erase_scale: tuple[float, float] = (0.02, 0.33)):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={list(crop_scale)}: need 0 < low <= high <= 1")
+        if not 0 < erase_scale[0] <= erase_scale[1] <= 1:
+            raise ValueError(f"erase_scale={list(erase_scale)}: need 0 < low <= high <= 1")
         if not 0 <= blur <= 1 or not 0 <= erase <= 1 or jitter < 0 or not 0 <= rotate <= 180:
             raise ValueError(f"blur={blur} and erase={erase} must be probabilities, jitter={jitter} >= 0, rotate={rotate} in [0, 180] degrees")
         self.size, self.channels = size, channels
         self.crop_scale, self.jitter, self.blur = tuple(crop_scale), jitter, blur
-        self.rotate, self.erase = rotate, erase
+        self.rotate, self.erase, self.erase_scale = rotate, erase, tuple(erase_scale)
         self.mean = torch.tensor(mean if mean is not None else [0.0] * channels).view(1, -1, 1, 1)
         self.std = torch.tensor(std if std is not None else [1.0] * channels).view(1, -1, 1, 1)
         self.blur_kernel = max(3, (size // 10) | 1)  # about a tenth of the side, odd (SimCLR)
@@ -103,11 +107,11 @@ class ViewAugment:
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def random_erase(self, images: Tensor) -> Tensor:
-        """Random erasing (Zhong et al. 2020): with probability `erase`, a rectangle of 2-33% of the
-        area (aspect 0.3-3.3) is set to 0, the data's mean in normalized units."""
+        """Random erasing (Zhong et al. 2020): with probability `erase`, a rectangle of `erase_scale`
+        of the area (default 2-33%, aspect 0.3-3.3) is set to 0, the data's mean in normalized units."""
         batch, _, height, width = images.shape
         device = images.device
-        area = _uniform(0.02, 0.33, batch, device) * height * width
+        area = _uniform(*self.erase_scale, batch, device) * height * width
         aspect = torch.exp(_uniform(math.log(0.3), math.log(3.3), batch, device))
         box_h = torch.sqrt(area * aspect).clamp(1, height)
         box_w = torch.sqrt(area / aspect).clamp(1, width)
@@ -185,9 +189,9 @@ class TwoViews:
 
     def __init__(self, size: int, channels: int, crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4,
                  blur: tuple[float, float] = (0.0, 0.0), mean: list[float] | None = None, std: list[float] | None = None,
-                 rotate: float = 0.0, erase: float = 0.0):
-        self.first = ViewAugment(size, channels, crop_scale, jitter, blur[0], mean, std, rotate, erase)
-        self.second = ViewAugment(size, channels, crop_scale, jitter, blur[1], mean, std, rotate, erase)
+                 rotate: float = 0.0, erase: float = 0.0, erase_scale: tuple[float, float] = (0.02, 0.33)):
+        self.first = ViewAugment(size, channels, crop_scale, jitter, blur[0], mean, std, rotate, erase, erase_scale)
+        self.second = ViewAugment(size, channels, crop_scale, jitter, blur[1], mean, std, rotate, erase, erase_scale)
 
     def __call__(self, sample: dict) -> tuple[Tensor, Tensor]:
         image = sample["image"]
@@ -207,14 +211,16 @@ class MultiCrop:
 
     def __init__(self, size: int, channels: int, global_crops: int = 2, local_crops: int = 4, local_size: int = 0,
                  global_scale: tuple[float, float] = (0.3, 1.0), local_scale: tuple[float, float] = (0.05, 0.3),
-                 jitter: float = 0.4, blur: float = 0.0, mean: list[float] | None = None, std: list[float] | None = None):
+                 jitter: float = 0.4, blur: float = 0.0, mean: list[float] | None = None, std: list[float] | None = None,
+                 rotate: float = 0.0, erase: float = 0.0, erase_scale: tuple[float, float] = (0.02, 0.33)):
         if global_crops < 2 or local_crops < 0:
             raise ValueError(f"global_crops={global_crops} must be >= 2 and local_crops={local_crops} >= 0")
         self.local_size = local_size or max(4, size * 3 // 7)  # 96 of 224 px in DINO and SwAV
         if local_crops and not 0 < self.local_size <= size:
             raise ValueError(f"local crop size {self.local_size} must be in (0, {size}]")
         self.global_crops, self.local_crops = global_crops, local_crops
-        self.global_view = ViewAugment(size, channels, global_scale, jitter, blur, mean, std)
+        # Rotation and erasing on the global crops only: a local crop is already a small part.
+        self.global_view = ViewAugment(size, channels, global_scale, jitter, blur, mean, std, rotate, erase, erase_scale)
         self.local_view = ViewAugment(self.local_size, channels, local_scale, jitter, blur, mean, std) if local_crops else None
 
     def __call__(self, sample: dict) -> tuple[list[Tensor], Tensor]:
@@ -232,3 +238,20 @@ def crops_of(inputs) -> list[Tensor]:
     crops first: `[(B, G, C, H, W), (B, L, C, h, w)]` -> G + L tensors; a (B, V, C, H, W) tensor -> V."""
     groups = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     return [group[:, v] for group in groups for v in range(group.shape[1])]
+
+
+def crop_panels(task, multicrop: MultiCrop, samples: list[dict]) -> list[list[Panel]]:
+    """Per sample, every crop `multicrop` draws from it, captioned "global 1", ..., "local 1", ..."""
+    panels = []
+    for sample in samples:
+        crops, _ = multicrop(sample)  # [(G, C, H, W), (L, C, h, w)]
+        panels.append([Panel(task.to_unit_range(crop), f"{kind} {j + 1}")
+                       for kind, group in zip(("global", "local"), crops) for j, crop in enumerate(group)])
+    return panels
+
+
+def crop_groups(inputs) -> list[Tensor]:
+    """Multi-crop batches `[(B, G, C, H, W), (B, L, C, h, w)]` (or one (B, V, C, H, W) tensor) as one
+    crop-major (V_i * B, C, H_i, W_i) tensor per crop size: rows [v * B, (v + 1) * B) hold crop v."""
+    groups = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    return [group.transpose(0, 1).flatten(0, 1) for group in groups]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretext.augment import MultiCrop
+from pretext.augment import MultiCrop, crop_groups, crop_panels
 from pretext.base import PretextTask
 from pretext.grids import Panel
 from pretext.losses import all_reduce_sum
@@ -232,23 +232,6 @@ class DINO(PretextTask):
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
         """The global and local crops of each image (the teacher sees the global ones only)."""
         return crop_panels(self, self.multicrop, samples)
-
-
-def crop_panels(task: PretextTask, multicrop: MultiCrop, samples: list[dict]) -> list[list[Panel]]:
-    """Per sample, every crop `multicrop` draws from it, captioned "global 1", ..., "local 1", ..."""
-    panels = []
-    for sample in samples:
-        crops, _ = multicrop(sample)  # [(G, C, H, W), (L, C, h, w)]
-        panels.append([Panel(task.to_unit_range(crop), f"{kind} {j + 1}")
-                       for kind, group in zip(("global", "local"), crops) for j, crop in enumerate(group)])
-    return panels
-
-
-def crop_groups(inputs) -> list[Tensor]:
-    """Multi-crop batches `[(B, G, C, H, W), (B, L, C, h, w)]` (or one (B, V, C, H, W) tensor) as one
-    crop-major (V_i * B, C, H_i, W_i) tensor per crop size: rows [v * B, (v + 1) * B) hold crop v."""
-    groups = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    return [group.transpose(0, 1).flatten(0, 1) for group in groups]
 
 
 @torch.no_grad()

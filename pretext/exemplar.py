@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretext.augment import TwoViews
+from pretext.augment import MultiCrop, TwoViews, crop_groups, crop_panels
 from pretext.base import PretextTask
 from pretext.grids import Panel
 from pretext.heads import MLPHead
-from pretext.losses import gather_with_grad, info_nce
+from pretext.losses import gather_with_grad, info_nce, multi_view_nt_xent
 from pretext.momentum import ema_update_, momentum_copy
 
 
@@ -33,17 +33,36 @@ class Exemplar(PretextTask):
             runs need a faster key encoder).
         rotate: views are turned by up to this many degrees either way (0: none).
         erase: probability of random erasing in each view (0: none).
+        erase_scale: area range of the erased rectangle.
+        view_size: side of the views in pixels (0: the data's image size). Smaller views cost less
+            per step; the eval stage still sees whole images at the data's size.
+        local_crops: extra small crops per image (multi-crop, Caron et al. 2020), each a positive of
+            every other view of its image in a multi-positive NT-Xent (0: two views, plain NT-Xent).
+        local_size: side of the local crops (0: 3/7 of view_size, as 96 of 224 px).
+        local_scale: area range of the local crops.
+        decoupled: decoupled contrastive loss (DCL, Yeh et al. 2022): the positive pair is left out
+            of InfoNCE's denominator (in-batch negatives only, no queue).
     """
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, proj_dim: int = 128, proj_hidden: list[int] = (512,),
                  crop_scale: list[float] = (0.3, 1.0), jitter: float = 0.4, gather: bool = True,
-                 queue_size: int = 0, key_momentum: float = 0.99, rotate: float = 0.0, erase: float = 0.0, **kwargs):
+                 queue_size: int = 0, key_momentum: float = 0.99, rotate: float = 0.0, erase: float = 0.0,
+                 erase_scale: list[float] = (0.02, 0.33), view_size: int = 0, local_crops: int = 0, local_size: int = 0,
+                 local_scale: list[float] = (0.05, 0.3), decoupled: bool = False, **kwargs):
         super().__init__(encoder, **kwargs)
         if queue_size < 0 or not 0 <= key_momentum < 1:
             raise ValueError(f"queue_size={queue_size} must be >= 0 and key_momentum={key_momentum} in [0, 1)")
+        if view_size < 0 or local_crops < 0:
+            raise ValueError(f"view_size={view_size} and local_crops={local_crops} must be >= 0")
+        if queue_size and (decoupled or local_crops):
+            raise ValueError("queue_size cannot be combined with decoupled or local_crops: the MoCo queue holds keys of two views, "
+                             "scored by plain InfoNCE")
+        self.decoupled = decoupled
+        self.view_size = view_size or self.image_size
+        self.local_crops, self.local_size, self.local_scale = local_crops, local_size, tuple(local_scale)
         self.temperature, self.gather = temperature, gather
         self.crop_scale, self.jitter = tuple(crop_scale), jitter
-        self.rotate, self.erase = rotate, erase
+        self.rotate, self.erase, self.erase_scale = rotate, erase, tuple(erase_scale)
         self.sample_transform()  # bad augmentation options fail here, not in a loader worker
         self.head = MLPHead(self.embed_dim, proj_dim, tuple(proj_hidden))
         self.queue_size, self.key_momentum = queue_size, key_momentum
@@ -53,19 +72,31 @@ class Exemplar(PretextTask):
             self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
             self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
 
-    def sample_transform(self) -> TwoViews:
-        return TwoViews(self.image_size, self.in_chans, self.crop_scale, self.jitter, mean=self.data_mean, std=self.data_std,
-                        rotate=self.rotate, erase=self.erase)
+    def sample_transform(self) -> TwoViews | MultiCrop:
+        if self.local_crops:
+            return MultiCrop(self.view_size, self.in_chans, 2, self.local_crops, self.local_size, self.crop_scale, self.local_scale,
+                             self.jitter, mean=self.data_mean, std=self.data_std, rotate=self.rotate,
+                             erase=self.erase, erase_scale=self.erase_scale)
+        return TwoViews(self.view_size, self.in_chans, self.crop_scale, self.jitter, mean=self.data_mean, std=self.data_std,
+                        rotate=self.rotate, erase=self.erase, erase_scale=self.erase_scale)
 
     def example_panels(self, samples: list[dict]) -> list[list[Panel]]:
-        """The two augmented views of each image, which must find each other in the batch."""
+        """The augmented views of each image (two, plus the local crops), which must find each other in the batch."""
+        if self.local_crops:
+            return crop_panels(self, self.sample_transform(), samples)
         return self.view_panels(samples)
 
-    def forward(self, inputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, inputs: Tensor | list[Tensor], target: Tensor) -> dict[str, Tensor]:
+        if self.local_crops:  # inputs: [(B, 2, C, H, W), (B, L, C, h, w)]
+            # One backbone pass per crop size (batch norm statistics per size), one head pass.
+            z = self.head(torch.cat([self.encoder(group) for group in crop_groups(inputs)]))
+            loss, accuracy = multi_view_nt_xent(z.view(2 + self.local_crops, inputs[0].shape[0], -1), self.temperature, self.gather,
+                                                decoupled=self.decoupled)
+            return {"loss": loss, "accuracy": accuracy.detach()}
         batch = inputs.shape[0]  # inputs: (B, 2, C, H, W)
         z = self.head(self.encoder(inputs.flatten(0, 1))).view(batch, 2, -1)  # (B, 2, D)
         if not self.queue_size:
-            loss, accuracy = info_nce(z[:, 0], z[:, 1], self.temperature, gather=self.gather)
+            loss, accuracy = info_nce(z[:, 0], z[:, 1], self.temperature, gather=self.gather, decoupled=self.decoupled)
             return {"loss": loss, "accuracy": accuracy.detach()}
         with torch.no_grad():
             # Unlike MoCo, no shuffle-BN: the key encoder's batch statistics come from the same

@@ -39,7 +39,8 @@ def gather_global(x: Tensor) -> Tensor:
 
 
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool = False,
-             query_negatives: bool = True, normalize: bool = True, extra_negatives: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             query_negatives: bool = True, normalize: bool = True, extra_negatives: Tensor | None = None,
+             decoupled: bool = False) -> tuple[Tensor, Tensor]:
     """InfoNCE (van den Oord et al. 2018) for paired embeddings; returns (loss, top-1 accuracy).
 
     Row i of `query` (N, D) is positive with row i of `key` (N, D). With `query_negatives` (NT-Xent,
@@ -48,6 +49,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool 
     M keys and the loss runs query -> key only. `gather` uses the batches of all Ray/DDP workers as
     negatives, with gradients flowing back through the gather. `extra_negatives` (K, D), e.g. a MoCo
     queue of earlier keys, are appended as candidates for every row (query -> key direction only).
+    `decoupled` (DCL, Yeh et al. 2022; NT-Xent only) leaves the positive out of the softmax's
+    denominator, which removes the small-batch damping of the gradient: -s_pos / T + log sum_neg exp(s / T).
     """
     if normalize:
         query, key = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
@@ -55,6 +58,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool 
             extra_negatives = F.normalize(extra_negatives.float(), dim=1)
     all_keys, offset = gather_with_grad(key) if gather else (key, 0)
     targets = torch.arange(query.shape[0], device=query.device) + offset
+    if decoupled and (not query_negatives or extra_negatives is not None):
+        raise ValueError("decoupled InfoNCE is implemented for NT-Xent (query_negatives, no extra negatives) only")
     if not query_negatives or extra_negatives is not None:
         candidates = all_keys if extra_negatives is None else torch.cat([all_keys, extra_negatives.to(all_keys.dtype)])
         logits = query @ candidates.T / temperature  # (N, M [+ K])
@@ -67,9 +72,44 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, gather: bool 
         positives_block = anchors @ other_view.T / temperature  # (N, M): positive on the "diagonal"
         same_block = (anchors @ same_view.T / temperature).masked_fill(self_mask, float("-inf"))  # (N, M)
         logits = torch.cat([positives_block, same_block], 1)  # (N, 2M)
-        losses.append(F.cross_entropy(logits, targets))
+        if decoupled:
+            positive = logits.gather(1, targets[:, None]).squeeze(1)
+            negatives = logits.scatter(1, targets[:, None], float("-inf"))
+            losses.append((negatives.logsumexp(1) - positive).mean())
+        else:
+            losses.append(F.cross_entropy(logits, targets))
         correct.append((logits.argmax(1) == targets).float().mean())
     return (losses[0] + losses[1]) / 2, (correct[0] + correct[1]) / 2
+
+
+def multi_view_nt_xent(views: Tensor, temperature: float = 0.1, gather: bool = False, decoupled: bool = False) -> tuple[Tensor, Tensor]:
+    """NT-Xent over V >= 2 embedded views of each image (V, N, D): every other view of the same
+    image is a positive, every view of every other image a negative (the multi-positive form of
+    Khosla et al. 2020 with the image as its own class, as solo-learn scores SimCLR's multi-crop).
+    Each anchor's loss is the mean over its V - 1 positives of -log softmax over all V*M - 1 other
+    embeddings of the global batch (M images); with V = 2 it equals `info_nce` (NT-Xent).
+    `decoupled` (DCL) leaves every positive out of the denominators. Returns
+    (loss, top-1 accuracy: the anchor's most similar embedding is one of its positives)."""
+    count, batch = views.shape[0], views.shape[1]
+    if count < 2:
+        raise ValueError(f"multi_view_nt_xent needs at least 2 views, got {count}")
+    views = F.normalize(views.float(), dim=2)
+    anchors = views.flatten(0, 1)  # (V*N, D), view-major
+    # Gather image-major rows (N, V*D) so that every worker's images keep their V views together.
+    everyone, offset = gather_with_grad(views.transpose(0, 1).flatten(1)) if gather else (views.transpose(0, 1).flatten(1), 0)
+    total = everyone.shape[0]
+    candidates = everyone.view(total, count, -1).transpose(0, 1).flatten(0, 1)  # (V*M, D), view-major
+    logits = anchors @ candidates.T / temperature  # (V*N, V*M)
+    image = (torch.arange(batch, device=views.device) + offset).repeat(count)  # each anchor's image id
+    anchor_column = image + torch.arange(count, device=views.device).repeat_interleave(batch) * total
+    candidate_image = torch.arange(total, device=views.device).repeat(count)
+    logits = logits.masked_fill(F.one_hot(anchor_column, count * total).bool(), float("-inf"))  # not itself
+    positive = (candidate_image[None, :] == image[:, None]) & ~F.one_hot(anchor_column, count * total).bool()
+    denominator = (logits.masked_fill(positive, float("-inf")) if decoupled else logits).logsumexp(1, keepdim=True)
+    log_prob = logits - denominator
+    loss = -(log_prob.masked_fill(~positive, 0.0).sum(1) / (count - 1)).mean()
+    accuracy = positive.gather(1, logits.argmax(1, keepdim=True)).float().mean()
+    return loss, accuracy
 
 
 GAN_LOSSES = ("non_saturating", "minimax", "wgan_gp")

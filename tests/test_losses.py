@@ -1,4 +1,4 @@
-"""info_nce against explicit logits, analytic values, symmetry, and the cross-worker gather."""
+"""info_nce and multi_view_nt_xent against explicit logits, analytic values, symmetry, and the cross-worker gather."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretext.losses import info_nce
+from pretext.losses import info_nce, multi_view_nt_xent
+from tests.gloo import run_gloo
 
 
 def explicit_nt_xent(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -83,3 +84,79 @@ def test_gather_over_two_workers_matches_one_worker_with_the_whole_batch(tmp_pat
     # Each rank's gradient sums every rank's loss through the gather; DDP then divides by 2.
     assert torch.allclose(torch.cat([r["q_grad"] for r in ranks]) / 2, q_full.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r["k_grad"] for r in ranks]) / 2, k_full.grad, atol=1e-6)
+
+
+# --- multi-view NT-Xent (multi-crop exemplar) ------------------------------------------------------
+
+
+def explicit_multi_view(views: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per anchor (view v of image i): mean over the other views u of image i of
+    -log( exp(a.p / T) / sum over every other embedding e of exp(a.e / T) )."""
+    views = F.normalize(views, dim=2)
+    count, batch = views.shape[:2]
+    losses = []
+    for v in range(count):
+        for i in range(batch):
+            anchor = views[v, i]
+            others = [(u, j) for u in range(count) for j in range(batch) if (u, j) != (v, i)]
+            denominator = torch.logsumexp(torch.stack([anchor @ views[u, j] / temperature for u, j in others]), 0)
+            positives = [anchor @ views[u, i] / temperature - denominator for u in range(count) if u != v]
+            losses.append(-torch.stack(positives).mean())
+    return torch.stack(losses).mean()
+
+
+def test_multi_view_nt_xent_with_two_views_is_nt_xent():
+    torch.manual_seed(5)
+    views = torch.randn(2, 7, 5)
+    loss, accuracy = multi_view_nt_xent(views, 0.3)
+    expected, expected_accuracy = info_nce(views[0], views[1], 0.3)
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(accuracy, expected_accuracy)
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_multi_view_nt_xent_equals_the_explicit_multi_positive_formula(count):
+    torch.manual_seed(count)
+    views = torch.randn(count, 6, 4)
+    assert torch.allclose(multi_view_nt_xent(views, 0.2)[0], explicit_multi_view(views, 0.2), atol=1e-5)
+
+
+def test_multi_view_nt_xent_is_low_for_matching_views_and_refuses_one_view():
+    orthogonal = torch.eye(6)
+    matched = torch.stack([orthogonal, orthogonal.clone(), orthogonal.clone()])  # 3 views, 6 images
+    loss, accuracy = multi_view_nt_xent(matched, 0.05)
+    # Each anchor: its 2 positives at similarity 1, 15 negatives at 0 -> log(2 + 15 e^-20) - ... ~ log 2.
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-3) and accuracy.item() == 1.0
+    with pytest.raises(ValueError, match="at least 2 views"):
+        multi_view_nt_xent(torch.randn(1, 4, 3))
+
+
+def _multi_view_rank(rank: int, world_size: int, views: torch.Tensor) -> dict:
+    rows = slice(rank * views.shape[1] // world_size, (rank + 1) * views.shape[1] // world_size)
+    local = views[:, rows].clone().requires_grad_()
+    loss, _ = multi_view_nt_xent(local, 0.2, gather=True)
+    loss.backward()
+    return {"loss": loss.detach(), "grad": local.grad}
+
+
+def test_multi_view_gather_over_two_workers_matches_one_worker_with_the_whole_batch(tmp_path):
+    torch.manual_seed(4)
+    views = torch.randn(3, 8, 6)
+    ranks = run_gloo(_multi_view_rank, 2, tmp_path, views)
+    full = views.clone().requires_grad_()
+    loss, _ = multi_view_nt_xent(full, 0.2)
+    loss.backward()
+    assert torch.allclose(torch.stack([r["loss"] for r in ranks]).mean(), loss, atol=1e-6)
+    assert torch.allclose(torch.cat([r["grad"] for r in ranks], dim=1) / 2, full.grad, atol=1e-6)
+
+
+def test_decoupled_nt_xent_equals_lightly_dcl_and_multi_view_dcl():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    torch.manual_seed(6)
+    q, k = torch.randn(12, 5), torch.randn(12, 5)
+    ours, _ = info_nce(q, k, 0.2, decoupled=True)
+    assert torch.allclose(ours, lightly_loss.DCLLoss(temperature=0.2)(q, k), atol=1e-5)
+    assert torch.allclose(multi_view_nt_xent(torch.stack([q, k]), 0.2, decoupled=True)[0], ours, atol=1e-5)
+    # Leaving the positive out of the denominator lowers every anchor's loss: DCL < NT-Xent.
+    assert ours < info_nce(q, k, 0.2)[0]
+    with pytest.raises(ValueError, match="decoupled"):
+        info_nce(q, k, 0.2, query_negatives=False, decoupled=True)

@@ -199,3 +199,21 @@ def test_registry_keys_match_module_and_class_names():
         assert cls.__module__ == f"pretext.{name}"
         assert cls.__name__.lower() == name.replace("_", "")
     assert TASKS["rotation"] is Rotation
+
+
+def test_exemplar_views_at_view_size_and_multi_crop_loss_is_multi_view_nt_xent():
+    from pretext.augment import crop_groups
+    from pretext.losses import multi_view_nt_xent
+
+    small = make_task("exemplar", view_size=IMAGE_SIZE // 2)
+    views, _ = small.sample_transform()(sample_dicts(1)[0])
+    assert views.shape[-2:] == (IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+
+    task = make_task("exemplar", local_crops=3, local_size=6, erase=0.5).eval()
+    inputs, target = fixed_batch(task, 8)
+    assert [group.shape[1:] for group in inputs] == [(2, 1, IMAGE_SIZE, IMAGE_SIZE), (3, 1, 6, 6)]
+    z = task.head(torch.cat([task.encoder(group) for group in crop_groups(inputs)])).view(5, 8, -1)
+    expected, _ = multi_view_nt_xent(z, task.temperature)
+    assert torch.allclose(task(inputs, target)["loss"], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="queue_size cannot be combined"):
+        make_task("exemplar", local_crops=2, queue_size=64)
