@@ -11,6 +11,7 @@ from torch import nn
 
 from eval.embedding import plot_embedding
 from eval.audio_visual import evaluate_audio_visual, is_audio_visual
+from eval.baseline_cache import baseline_key, entry_path, load_row, store_row
 from eval.features import Features, extract_features
 from eval.generative import generate, load_task, needs_task, test_log_likelihood
 from eval.knn import knn_accuracy
@@ -92,16 +93,23 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size, num_classes=len(manifest.get("classes") or []))
     splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
 
-    models: dict[str, nn.Module | None] = {}
+    models: dict[str, nn.Module | None] = {"pretrained": pretrained}  # scored first: its read decides whether cached rows apply
     if "raw_pixels" in cfg.eval.baselines:
         models["raw_pixels"] = None
     if "random_init" in cfg.eval.baselines:
         torch.manual_seed(cfg.train.seed)
         models["random_init"] = create_backbone(cfg.model, state["manifest"]["channels"])
-    models["pretrained"] = pretrained
 
-    rows, read = {}, {}
+    rows, read, cached = {}, {}, []
     for name, model in models.items():
+        key = baseline_key(name, cfg, manifest, decoder, state["manifest"]["channels"]) if name != "pretrained" and cfg.eval.cache_baselines else None
+        complete = all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values())
+        row = load_row(key) if complete else None
+        if row is not None:
+            rows[name] = row
+            cached.append(name)
+            log.info("%s: cached scores from %s", name, entry_path(key))
+            continue
         features, policies = {}, {}
         for split, urls in splits.items():
             policies[split] = BadSamples.for_config(cfg.data)
@@ -113,7 +121,10 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
         if name == "pretrained":  # its test features are drawn into embedding.png
             embedded = features[cfg.data.test_split]
+        elif all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values()):
+            store_row(key, rows[name])
         log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "linear_val_accuracy"})
+    rows = {name: rows[name] for name in ("raw_pixels", "random_init", "pretrained") if name in rows}  # table order
 
     results = {
         "checkpoint": str(checkpoint),
@@ -126,6 +137,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "knn_temperature": cfg.eval.knn_temperature,
         "rows": rows,
         "input": read,  # scored against listed samples per split (shards read short show here)
+        "cached_baselines": cached,  # rows taken from eval/baseline_cache.py's cache, not scored again
         "seconds": round(time.perf_counter() - start, 1),
     }
     if is_audio_visual(task):  # audio features scored like the frames', retrieval both ways, AVC accuracy

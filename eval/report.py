@@ -29,6 +29,9 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(results, indent=2))
     title = f"# {results['task']} on {results['dataset']} ({results['backbone']}, step {results['step']})\n\n"
     text = title + markdown_table(results) + "\n"
+    if results.get("cached_baselines"):
+        names = ", ".join(ROW_NAMES.get(n, n) for n in results["cached_baselines"])
+        text += f"\nCached from an earlier eval on the same shards and settings (eval/baseline_cache.py): {names}.\n"
     if "generative" in results:
         gen = results["generative"]
         bound = {"elbo": "ELBO (a lower bound of log p(x) of the 8-bit images)", "exact": "exact log p(x) of the 8-bit images",

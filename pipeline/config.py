@@ -100,6 +100,9 @@ class EvalConfig:
     loader_workers: int = 1
     baselines: list[str] = field(default_factory=lambda: ["raw_pixels", "random_init"])
     image_size: int = 0  # 0: the size pretraining fed the backbone; else evaluate whole images at this size
+    # Reuse the baselines' scores from an earlier eval on the same shards, backbone, seed and eval
+    # settings (eval/baseline_cache.py; $SSLPIPE_CACHE/baselines, default ~/.cache/sslpipe/baselines).
+    cache_baselines: bool = True
     # Online kNN during pretraining (rank 0, pipeline/online_eval.py): every online_every steps
     # (0: off), kNN k=knn_k[0] with the first online_bank train samples as the bank and the first
     # online_queries test samples as queries; logged as online_knn in every metrics sink.

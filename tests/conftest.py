@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ GLYPHS = [
     np.array([[1, 1, 0], [0, 1, 0], [0, 1, 1]]),  # S-like
     np.array([[1, 1, 1], [0, 1, 0], [0, 1, 0]]),  # T
 ]
+# The baseline cache (eval/baseline_cache.py) of a test session lives and dies with it: no test reads
+# a user's cache or leaves entries in it. Set at import, so Ray workers started by tests inherit it.
+os.environ["SSLPIPE_CACHE"] = tempfile.mkdtemp(prefix="sslpipe-test-cache-")
+
 TINY_BACKBONE = {"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64]}}
 
 
