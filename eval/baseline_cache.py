@@ -7,7 +7,8 @@ ignored, never trusted. The key holds everything the score depends on:
 - the data: every train and test shard's file name, sample count and SHA-256 from the manifest
   (data without checksums is never cached);
 - the decoding: colour mode, image size, mean and std;
-- the scoring: kNN k and temperature, the probe's C grid and held-out fraction, and
+- the scoring: kNN k and temperature, the probe's C grid and held-out fraction, the protocols
+  and their settings, and
   SCORING_VERSION, raised whenever eval/knn.py or eval/linear_probe.py changes what they compute;
 - for the random-init backbone: the model config, the seed, the input channels and the torch and
   timm versions (their initializers draw the weights).
@@ -53,7 +54,8 @@ def baseline_key(name: str, cfg, manifest: dict, decoder, channels: int) -> dict
         "decoder": {"mode": decoder.mode, "image_size": decoder.image_size,
                     "mean": [round(float(v), 8) for v in decoder.mean.flatten()], "std": [round(float(v), 8) for v in decoder.std.flatten()]},
         "eval": {"knn_k": list(cfg.eval.knn_k), "knn_temperature": cfg.eval.knn_temperature, "linear_C": list(cfg.eval.linear_C),
-                 "linear_val_fraction": cfg.eval.linear_val_fraction},
+                 "linear_val_fraction": cfg.eval.linear_val_fraction, "protocols": sorted(cfg.eval.protocols),
+                 "low_shot": [list(cfg.eval.low_shot_fractions), list(cfg.eval.low_shot_shots), cfg.eval.low_shot_seeds]},
     }
     if name == "random_init":
         import timm

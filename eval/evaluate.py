@@ -14,8 +14,10 @@ from eval.audio_visual import evaluate_audio_visual, is_audio_visual
 from eval.baseline_cache import baseline_key, entry_path, load_row, store_row
 from eval.features import Features, extract_features
 from eval.generative import generate, load_task, needs_task, test_log_likelihood
+from eval.clustering import cluster_scores
 from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
+from eval.low_shot import k_shot_svm, low_shot_probe
 from eval.report import write_results
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
@@ -70,6 +72,14 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     probe = linear_probe(train.features, train.labels, test.features, test.labels, cfg.eval.linear_C, cfg.eval.linear_val_fraction)
     result.update(linear=probe.accuracy, linear_C=probe.best_C, linear_val_accuracy={str(c): a for c, a in probe.val_accuracy.items()},
                   linear_converged=probe.converged)
+    if "low_shot" in cfg.eval.protocols:
+        result["low_shot"] = {
+            **low_shot_probe(train.features, train.labels, test.features, test.labels, cfg.eval.low_shot_fractions, cfg.eval.linear_C,
+                             cfg.eval.linear_val_fraction, cfg.eval.low_shot_seeds),
+            **k_shot_svm(train.features, train.labels, test.features, test.labels, cfg.eval.low_shot_shots, seeds=cfg.eval.low_shot_seeds),
+        }
+    if "clustering" in cfg.eval.protocols:
+        result["clustering"] = cluster_scores(test.features, test.labels, int(max(train.labels.max(), test.labels.max())) + 1)
     return result
 
 

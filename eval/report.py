@@ -23,12 +23,30 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def protocol_tables(results: dict) -> str:
+    """Markdown tables of the low-shot and clustering protocols, for the rows that ran them."""
+    text = ""
+    shot_rows = {name: row["low_shot"] for name, row in results["rows"].items() if "low_shot" in row}
+    if shot_rows:
+        settings = list(next(iter(shot_rows.values())))
+        text += ("\nLow-shot top-1 (mean ± std over seeds; % of train labels: linear probe, k-shot: linear SVM):\n\n"
+                 "| features | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings) + "\n")
+        for name, shots in shot_rows.items():
+            text += f"| {ROW_NAMES.get(name, name)} | " + " | ".join(f"{100 * shots[s]['mean']:.2f} ± {100 * shots[s]['std']:.2f}" if "mean" in shots[s] else "–" for s in settings) + " |\n"
+    clustered = {name: row["clustering"] for name, row in results["rows"].items() if "clustering" in row}
+    if clustered:
+        text += "\nk-means on the test features (k = classes):\n\n| features | NMI | ARI | matched accuracy |\n|---|---|---|---|\n"
+        for name, c in clustered.items():
+            text += f"| {ROW_NAMES.get(name, name)} | {100 * c['nmi']:.2f} | {100 * c['ari']:.2f} | {100 * c['accuracy']:.2f} |\n"
+    return text
+
+
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps(results, indent=2))
     title = f"# {results['task']} on {results['dataset']} ({results['backbone']}, step {results['step']})\n\n"
-    text = title + markdown_table(results) + "\n"
+    text = title + markdown_table(results) + "\n" + protocol_tables(results)
     if results.get("cached_baselines"):
         names = ", ".join(ROW_NAMES.get(n, n) for n in results["cached_baselines"])
         text += f"\nCached from an earlier eval on the same shards and settings (eval/baseline_cache.py): {names}.\n"

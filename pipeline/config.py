@@ -90,6 +90,9 @@ class ScalingConfig:
     max_failures: int = 0
 
 
+EVAL_PROTOCOLS = ("low_shot", "clustering")
+
+
 @dataclass
 class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
@@ -99,6 +102,13 @@ class EvalConfig:
     batch_size: int = 512
     loader_workers: int = 1
     baselines: list[str] = field(default_factory=lambda: ["raw_pixels", "random_init"])
+    # Protocols beyond kNN and the linear probe (which always run), on every row (eval/low_shot.py,
+    # eval/clustering.py): "low_shot" (probe on low_shot_fractions of the train labels, linear SVM on
+    # low_shot_shots labels per class, low_shot_seeds subsets each), "clustering" (k-means on test).
+    protocols: list[str] = field(default_factory=lambda: ["low_shot", "clustering"])
+    low_shot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    low_shot_shots: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    low_shot_seeds: int = 3
     image_size: int = 0  # 0: the size pretraining fed the backbone; else evaluate whole images at this size
     # Reuse the baselines' scores from an earlier eval on the same shards, backbone, seed and eval
     # settings (eval/baseline_cache.py; $SSLPIPE_CACHE/baselines, default ~/.cache/sslpipe/baselines).
@@ -342,6 +352,12 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.eval.online_every and min(cfg.eval.online_bank, cfg.eval.online_queries) <= 0:
         raise ConfigError(f"eval.online_bank and eval.online_queries must be positive with eval.online_every set, "
                           f"got {cfg.eval.online_bank} and {cfg.eval.online_queries}")
+    unknown = sorted(set(cfg.eval.protocols) - set(EVAL_PROTOCOLS))
+    if unknown:
+        raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(EVAL_PROTOCOLS)}")
+    if cfg.eval.low_shot_seeds < 1 or not all(0 < f <= 1 for f in cfg.eval.low_shot_fractions) or min(cfg.eval.low_shot_shots, default=1) < 1:
+        raise ConfigError(f"eval.low_shot_*: fractions in (0, 1], shots >= 1 and seeds >= 1, got {cfg.eval.low_shot_fractions}, "
+                          f"{cfg.eval.low_shot_shots}, {cfg.eval.low_shot_seeds}")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
         raise ConfigError(f"eval.knn_k must list positive integers, got {cfg.eval.knn_k}")
     if not cfg.eval.linear_C or min(cfg.eval.linear_C) <= 0:

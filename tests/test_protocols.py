@@ -1,0 +1,62 @@
+"""Low-shot and clustering protocols: balanced seeded subsets, clear errors, metrics on known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eval.clustering import cluster_scores, matched_accuracy
+from eval.low_shot import balanced_subset, k_shot_svm, low_shot_probe
+
+
+def blobs(per_class: int, classes: int = 4, dim: int = 8, spread: float = 0.1, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.eye(classes, dim) * 3
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=generator), labels
+
+
+def test_balanced_subsets_are_balanced_seeded_and_name_a_class_that_is_too_small():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    subset = balanced_subset(labels, seed=0, per_class=5)
+    assert torch.bincount(labels[subset]).tolist() == [5, 5, 5] and len(subset.unique()) == 15
+    assert torch.equal(subset, balanced_subset(labels, seed=0, per_class=5))
+    assert not torch.equal(subset, balanced_subset(labels, seed=1, per_class=5))
+    tenth = balanced_subset(labels, seed=0, fraction=0.1)  # 10% of each class, at least one
+    assert torch.bincount(labels[tenth]).tolist() == [5, 3, 2]
+    with pytest.raises(ValueError, match="25 labels per class asked for, but class 2 has only 20"):
+        balanced_subset(labels, seed=0, per_class=25)
+    with pytest.raises(ValueError, match="exactly one"):
+        balanced_subset(labels, seed=0, per_class=2, fraction=0.5)
+
+
+def test_low_shot_probe_and_svm_learn_separable_blobs_and_skip_a_k_larger_than_a_class():
+    train, train_labels = blobs(60)
+    test, test_labels = blobs(20, seed=1)
+    probe = low_shot_probe(train, train_labels, test, test_labels, [0.1, 0.5], [1.0], 0.2, seeds=2)
+    assert set(probe) == {"10%", "50%"} and probe["50%"]["mean"] == 1.0 and len(probe["10%"]["runs"]) == 2
+    shots = k_shot_svm(train, train_labels, test, test_labels, [1, 5, 100], seeds=2)
+    assert shots["5-shot"]["mean"] == 1.0 and shots["1-shot"]["std"] >= 0
+    assert "class 0 has only 60" in shots["100-shot"]["skipped"]
+
+
+def test_matched_accuracy_finds_the_best_one_to_one_mapping():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    assert matched_accuracy(labels, np.array([2, 2, 0, 0, 1, 1])) == 1.0  # relabelled clusters
+    # Clusters 1 -> class 0 (2 hits), 2 -> class 2 (2), 0 -> class 1 (1): 5 of 6; no mapping does better.
+    assert matched_accuracy(labels, np.array([1, 1, 0, 2, 2, 2])) == pytest.approx(5 / 6)
+
+
+def test_k_means_recovers_separated_blobs_and_scores_equal_scikit_learn():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    features, labels = blobs(30, spread=0.05)
+    scores = cluster_scores(features, labels, 4)
+    assert scores == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0), "accuracy": 1.0}
+    noisy, labels = blobs(30, spread=2.0, seed=3)
+    scores = cluster_scores(noisy, labels, 4)
+    clusters = KMeans(n_clusters=4, n_init=3, random_state=0).fit_predict(torch.nn.functional.normalize(noisy, dim=1).numpy())
+    assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels.numpy(), clusters))
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(labels.numpy(), clusters))
+    assert scores["accuracy"] < 1.0
