@@ -10,11 +10,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from pipeline.data import ImageDecoder, ShardError, decoder_for
 from pipeline.shards import read_manifest, split_urls
-from pipeline.storage import describe_error, display_url, is_url, open_url, opens_with_fsspec
+from pipeline.storage import describe_error, display_url, is_url, open_url, opens_with_fsspec, tar_expander
 
 log = logging.getLogger("sslpipe.data")
 
@@ -70,7 +70,7 @@ def verify_shard(split: str, url: str, entry: dict, decoder: ImageDecoder, progr
         return False  # the tar is broken from here: stop reading it
 
     try:
-        samples = group_by_keys(tar_file_expander([{"url": report.url, "stream": reader}], handler=noting), handler=noting)
+        samples = group_by_keys(tar_expander([{"url": report.url, "stream": reader}], handler=noting), handler=noting)
         for sample in samples:
             report.read += 1
             if progress is not None:

@@ -277,3 +277,62 @@ def test_a_300_image_folder_trains_on_two_ray_workers_with_default_shards(tmp_pa
                       train__checkpoint_every=6)
     run_dir = pretrain(cfg)
     assert [r["step"] for r in read_metrics(run_dir)] == [3, 6]
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt: int) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GNU_FORMAT", "PAX_FORMAT", "USTAR_FORMAT"])
+def test_the_fast_tar_reader_yields_what_webdataset_and_tarfile_yield(fmt):
+    import gzip
+    import io
+    import tarfile
+
+    from webdataset.tariterators import tar_file_iterator
+
+    from pipeline.storage import tar_members
+
+    long_dir = "d" * 120 + "/"  # past the 100-byte name field: a GNU long name, a pax path or a ustar prefix
+    members = [("s0.png", b"\x89PNG" * 200), ("s0.cls", b"3"), (long_dir + "s1.png", bytes(range(256)) * 3),
+               ("__meta__", b"{}"), ("s2.txt", b""), ("s3.cls", b"7")]  # "__meta__": WebDataset skips such names
+    data = _tar_bytes(members, getattr(tarfile, fmt))
+    theirs = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data))]
+    assert [(m["fname"], m["data"]) for m in tar_members(io.BytesIO(data))] == theirs
+    assert [name for name, _ in theirs] == ["s0.png", "s0.cls", long_dir + "s1.png", "s2.txt", "s3.cls"]
+    # Compressed shards go to tarfile's reader, with the same result.
+    assert [(m["fname"], m["data"]) for m in tar_members(io.BytesIO(gzip.compress(data)))] == theirs
+
+
+def test_the_fast_tar_reader_fails_and_ends_where_tarfile_does():
+    import io
+    import tarfile
+
+    from pipeline.storage import tar_members
+
+    data = _tar_bytes([("a.bin", b"x" * 1000), ("b.bin", b"y" * 10)], tarfile.GNU_FORMAT)
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(tar_members(io.BytesIO(data[:512 + 500])))  # cut inside a's data
+    # Cut on the block boundary after a's data, or at b's header made invalid: the archive ends after a.
+    assert [m["fname"] for m in tar_members(io.BytesIO(data[:512 + 1024]))] == ["a.bin"]
+    broken = bytearray(data)
+    broken[512 + 1024 + 148] ^= 1  # b's header checksum
+    assert [m["fname"] for m in tar_members(io.BytesIO(bytes(broken)))] == ["a.bin"]
+    with pytest.raises(tarfile.ReadError, match="truncated header"):
+        list(tar_members(io.BytesIO(data[:512 + 1024 + 100])))  # cut inside b's header
+    with pytest.raises(tarfile.ReadError, match="empty file"):
+        list(tar_members(io.BytesIO(b"")))
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(b"not a tar at all" * 64)))
