@@ -18,6 +18,7 @@ from eval.clustering import cluster_scores
 from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.low_shot import k_shot_svm, low_shot_probe
+from eval.per_layer import PooledStages, plot_per_layer
 from eval.report import write_results
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
@@ -83,16 +84,43 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     return result
 
 
+def score_per_layer(models: dict[str, nn.Module], splits: dict, decoder: ImageDecoder, manifest: dict, cfg: Config, device) -> dict:
+    """{model: {stage: {"dim", "knn", "linear"}}}: every stage of each backbone that exposes its
+    stages (timm's forward_intermediates), pooled and scored by kNN and the linear probe."""
+    out = {}
+    for name, model in models.items():
+        if not hasattr(model, "forward_intermediates"):
+            log.info("per-layer protocol: %s (%s) has no stages to read; skipped", name, type(model).__name__)
+            continue
+        stages = PooledStages(model)
+        features = {split: extract_features(stages, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
+                                            desc=f"{name} stages {split}", total=manifest["splits"][split]["count"],
+                                            bad_samples=BadSamples.for_config(cfg.data))
+                    for split, urls in splits.items()}
+        train, test = (features[s] for s in (cfg.data.train_split, cfg.data.test_split))
+        out[name] = {}
+        for stage, (train_x, test_x) in zip(stages.names, zip(stages.split(train.features).values(), stages.split(test.features).values())):
+            probe = linear_probe(train_x, train.labels, test_x, test.labels, cfg.eval.linear_C, cfg.eval.linear_val_fraction)
+            out[name][stage] = {"dim": int(train_x.shape[1]), "linear": probe.accuracy,
+                                "knn": {str(k): knn_accuracy(train_x, train.labels, test_x, test.labels, k, cfg.eval.knn_temperature)
+                                        for k in cfg.eval.knn_k}}
+            log.info("%s %s: %s", name, stage, out[name][stage])
+    return out
+
+
 def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None,
-             baselines: list[str] | None = None, image_size: int | None = None, data_options: dict | None = None) -> dict:
+             baselines: list[str] | None = None, image_size: int | None = None, data_options: dict | None = None,
+             protocols: list[str] | None = None) -> dict:
     """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png.
-    `baselines` and `image_size` replace the config's eval.baselines and eval.image_size (a
-    benchmark scores baselines once for many runs)."""
+    `baselines`, `image_size` and `protocols` replace the config's eval.baselines, eval.image_size
+    and eval.protocols (a benchmark scores baselines once for many runs)."""
     start = time.perf_counter()
     checkpoint, _ = load_valid_checkpoint(path)
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
     if baselines is not None:
         cfg.eval.baselines = baselines
+    if protocols is not None:
+        cfg.eval.protocols = protocols
     if image_size is not None:
         cfg.eval.image_size = image_size
     for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
@@ -135,6 +163,9 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
             store_row(key, rows[name])
         log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "linear_val_accuracy"})
     rows = {name: rows[name] for name in ("raw_pixels", "random_init", "pretrained") if name in rows}  # table order
+    per_layer = {}
+    if "per_layer" in cfg.eval.protocols:
+        per_layer = score_per_layer({n: m for n, m in models.items() if m is not None}, splits, decoder, manifest, cfg, device)
 
     results = {
         "checkpoint": str(checkpoint),
@@ -148,6 +179,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "rows": rows,
         "input": read,  # scored against listed samples per split (shards read short show here)
         "cached_baselines": cached,  # rows taken from eval/baseline_cache.py's cache, not scored again
+        **({"per_layer": per_layer} if per_layer else {}),
         "seconds": round(time.perf_counter() - start, 1),
     }
     if is_audio_visual(task):  # audio features scored like the frames', retrieval both ways, AVC accuracy
@@ -167,6 +199,9 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         results["seconds"] = round(time.perf_counter() - start, 1)
     plot_embedding(embedded.features.numpy(), embedded.labels.numpy(), out / "embedding.png", manifest.get("classes"),
                    seed=cfg.train.seed, title=f"{cfg.task.name} / {cfg.model.backbone}: t-SNE of {cfg.data.test_split} features")
+    if per_layer:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_per_layer(per_layer, rows.get("raw_pixels"), out / "per_layer.png", cfg.eval.knn_k[0])
     write_results(results, out)
     log_eval(cfg, results, out)  # into the run's MLflow run, when tracking.mlflow_uri is set
     log.info("wrote %s", out / "results.md")

@@ -33,6 +33,13 @@ def protocol_tables(results: dict) -> str:
                  "| features | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings) + "\n")
         for name, shots in shot_rows.items():
             text += f"| {ROW_NAMES.get(name, name)} | " + " | ".join(f"{100 * shots[s]['mean']:.2f} ± {100 * shots[s]['std']:.2f}" if "mean" in shots[s] else "–" for s in settings) + " |\n"
+    for name, stages in results.get("per_layer", {}).items():
+        ks = results["knn_k"]
+        text += (f"\nPer layer, {ROW_NAMES.get(name, name)} (each stage average-pooled):\n\n| stage | dim | "
+                 + " | ".join(f"kNN (k={k})" for k in ks) + " | linear |\n|---|---|" + "---|" * (len(ks) + 1) + "\n")
+        for stage, scores in stages.items():
+            text += (f"| {stage} | {scores['dim']} | " + " | ".join(f"{100 * scores['knn'][str(k)]:.2f}" for k in ks)
+                     + f" | {100 * scores['linear']:.2f} |\n")
     clustered = {name: row["clustering"] for name, row in results["rows"].items() if "clustering" in row}
     if clustered:
         text += "\nk-means on the test features (k = classes):\n\n| features | NMI | ARI | matched accuracy |\n|---|---|---|---|\n"

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, untrusted_overrides
+from pipeline.config import EVAL_PROTOCOLS, Config, ConfigError, untrusted_overrides
 
 log = logging.getLogger("sslpipe")
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.add_argument("--image-size", type=int, help="evaluate whole images at this size (default: the run's eval.image_size, "
                           "else the pretraining size; 0 forces the pretraining size)")
+    evaluate.add_argument("--protocols", nargs="*", metavar="NAME",
+                          help="protocols beside kNN and the linear probe: low_shot, clustering, per_layer (default: the run's "
+                               "eval.protocols, low_shot and clustering; none: kNN and probe only)")
     add_input_flags(evaluate)
 
     export = commands.add_parser("export", help="export features (.npy, keys, labels) and backbone weights (safetensors)")
@@ -222,7 +225,12 @@ def cmd_eval(args) -> dict:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
 
-    results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size, data_options=input_overrides(args))
+    if args.protocols is not None:
+        unknown = sorted(set(args.protocols) - set(EVAL_PROTOCOLS))
+        if unknown:
+            raise ConfigError(f"--protocols: unknown {unknown}; choose from {list(EVAL_PROTOCOLS)}")
+    results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size, data_options=input_overrides(args),
+                       protocols=args.protocols)
     print(markdown_table(results))
     return results
 

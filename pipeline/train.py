@@ -142,7 +142,7 @@ def train_worker(cfg: Config, session) -> dict:
     if cfg.train.sync_batchnorm and session.world_size > 1:
         task = convert_sync_batchnorm(task, device)  # before DDP wraps it and the optimizers take its parameters
     task = task.to(device)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
+    channels_last = cfg.train.channels_last
     if channels_last:
         task = task.to(memory_format=torch.channels_last)
     if cfg.train.compile:

@@ -121,3 +121,8 @@ def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
     wrapped = ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                          '  File "x.py", line 1, in f\npipeline.data.ShardError: shard a.tar, key b: bad\n')
     assert one_line(wrapped) == "shard a.tar, key b: bad"
+
+
+def test_eval_refuses_an_unknown_protocol_by_name(shards, tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--protocols", "per_layer", "linear_svm"]) == 2
+    assert "linear_svm" in capsys.readouterr().err

@@ -60,3 +60,27 @@ def test_k_means_recovers_separated_blobs_and_scores_equal_scikit_learn():
     assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels.numpy(), clusters))
     assert scores["ari"] == pytest.approx(adjusted_rand_score(labels.numpy(), clusters))
     assert scores["accuracy"] < 1.0
+
+
+def test_per_layer_scores_every_stage_with_timm_feature_info_widths(shards, tmp_path, monkeypatch):
+    from eval.evaluate import evaluate
+    from eval.per_layer import PooledStages
+    from tests.test_baseline_cache import tiny_run
+
+    monkeypatch.setenv("SSLPIPE_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_run(shards, tmp_path / "run")
+    results = evaluate(tmp_path / "run", tmp_path / "eval", protocols=["per_layer"])
+    from pipeline.backbone import create_backbone
+
+    widths = [entry["num_chs"] for entry in create_backbone(cfg.model, 1).feature_info]
+    for name in ("random_init", "pretrained"):
+        stages = results["per_layer"][name]
+        assert [s["dim"] for s in stages.values()] == widths
+        assert all(0 <= s["linear"] <= 1 and set(s["knn"]) == {"5"} for s in stages.values())
+    # The last stage pooled is the backbone's own pooled output: the same scores as the main row.
+    last = list(results["per_layer"]["pretrained"].values())[-1]
+    assert last["knn"]["5"] == pytest.approx(results["rows"]["pretrained"]["knn"]["5"], abs=1e-6)
+    assert (tmp_path / "eval" / "per_layer.png").stat().st_size > 0
+    assert "Per layer, pretrained backbone" in (tmp_path / "eval" / "results.md").read_text()
+    with pytest.raises(ValueError, match="forward_intermediates"):
+        PooledStages(torch.nn.Linear(2, 2))
