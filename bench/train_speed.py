@@ -12,7 +12,10 @@ worker (the demo's scaling on a 2-core machine):
 - pipeline under Ray Train with 1 worker, then with 2 workers (DDP over gloo, global batch doubled).
 
 Pipeline throughput is taken from the run's own metrics log (wall clock between log rows, the first
-window of warm-up dropped), so it includes loading, logging and checkpointing. Medians over repeats.
+window of warm-up dropped), so it includes loading, logging and checkpointing. Medians over repeats,
+which run interleaved (bare, local, Ray 1, Ray 2, bare, ...). Beside each figure: samples per
+CPU-second (every sample of the run over the CPU seconds of all its processes, Ray's and the
+loaders' included, start-up too; `bench/host.py` CpuMeter) and the host's steal and idle time.
 With --memory-epochs N the demo's 2-worker run trains N epochs and reports each worker's peak
 RSS (process and loader workers) and its growth from the end of epoch 1 to the end.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.host import CpuMeter, HostWindow
 from pipeline.config import Config
 
 
@@ -124,13 +128,27 @@ def main(argv: list[str] | None = None) -> int:
     log_every = max(10, args.steps // 15)
 
     results: dict[str, list[float]] = {"bare": [], "local": [], "ray1": [], "ray2": []}
-    for repeat in range(args.repeats):
-        results["bare"].append(bare_loop_rate(base, args.batch_size, args.steps))
-        results["local"].append(pipeline_local_rate(run_config(base, out, "local", 1, args.batch_size, args.steps, log_every)))
-        results["ray1"].append(pipeline_ray_rate(run_config(base, out, "ray1", 1, args.batch_size, args.steps, log_every))[0])
-        results["ray2"].append(pipeline_ray_rate(run_config(base, out, "ray2", 2, args.batch_size, args.steps, log_every))[0])
-        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()), flush=True)
+    per_cpu: dict[str, list[float]] = {k: [] for k in results}  # samples per CPU-second of the whole run
+    host: dict[str, list[dict]] = {k: [] for k in results}
+    loops = {
+        "bare": lambda: (bare_loop_rate(base, args.batch_size, args.steps), (args.steps + 5) * args.batch_size),
+        "local": lambda: (pipeline_local_rate(run_config(base, out, "local", 1, args.batch_size, args.steps, log_every)), args.steps * args.batch_size),
+        "ray1": lambda: (pipeline_ray_rate(run_config(base, out, "ray1", 1, args.batch_size, args.steps, log_every))[0], args.steps * args.batch_size),
+        "ray2": lambda: (pipeline_ray_rate(run_config(base, out, "ray2", 2, args.batch_size, args.steps, log_every))[0], 2 * args.steps * args.batch_size),
+    }
+    for repeat in range(args.repeats):  # interleaved: bare, local, ray1, ray2, bare, ... so drift hits all alike
+        for name, loop in loops.items():
+            window, cpu = HostWindow.start(), CpuMeter.start()
+            rate, samples = loop()
+            cpu_s = cpu.stop()
+            results[name].append(rate)
+            per_cpu[name].append(samples / cpu_s if cpu_s else float("nan"))
+            host[name].append(window.stop() | {"cpu_s": cpu_s})
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s ({per_cpu[k][-1]:.0f}/CPU-s)" for k, v in results.items()), flush=True)
     median = {k: statistics.median(v) for k, v in results.items()}
+    median_cpu = {k: statistics.median(v) for k, v in per_cpu.items()}
+    steal = {k: statistics.fmean(h.get("steal_pct", 0.0) for h in v) for k, v in host.items()}
+    idle = {k: statistics.fmean(h.get("idle_pct", 0.0) for h in v) for k, v in host.items()}
 
     memory = None
     if args.memory_epochs:
@@ -144,11 +162,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ntraining throughput, {base.task.name} on {base.model.backbone} ({args.batch_size} per worker, 1 torch thread per worker, "
           f"{base.data.loader_workers} loader worker(s) per Ray worker; samples/s, median of {args.repeats})")
-    print("| loop | samples/s | ratio |\n|---|---|---|")
-    print(f"| bare loop, in-memory batches, 1 process | {median['bare']:.0f} | 1.00 |")
-    print(f"| pipeline without Ray (shards, loader, logs, checkpoints) | {median['local']:.0f} | {median['local'] / median['bare']:.2f} of bare |")
-    print(f"| pipeline, Ray Train, 1 worker | {median['ray1']:.0f} | {median['ray1'] / median['bare']:.2f} of bare (target 0.9) |")
-    print(f"| pipeline, Ray Train, 2 workers | {median['ray2']:.0f} | {median['ray2'] / median['ray1']:.2f}x 1 worker (target 1.7) |")
+    print("(samples per CPU-second: every sample of the run over the CPU time of all its processes, start-up included; on a shared\n"
+          " host it is the figure to compare, as steal and neighbours move wall-clock rates)")
+    print("| loop | samples/s | ratio | samples/CPU-s | ratio | steal % | idle % |\n|---|---|---|---|---|---|---|")
+    rows = [("bare loop, in-memory batches, 1 process", "bare", "bare", "1.00", "1.00"),
+            ("pipeline without Ray (shards, loader, logs, checkpoints)", "local", "bare", "of bare", "of bare"),
+            ("pipeline, Ray Train, 1 worker", "ray1", "bare", "of bare (target 0.9)", "of bare"),
+            ("pipeline, Ray Train, 2 workers", "ray2", "ray1", "x 1 worker (target 1.7)", "x 1 worker")]
+    for label, name, against, wall_note, cpu_note in rows:
+        wall = "1.00" if name == against else f"{median[name] / median[against]:.2f} {wall_note}"
+        per = "1.00" if name == against else f"{median_cpu[name] / median_cpu[against]:.2f} {cpu_note}"
+        print(f"| {label} | {median[name]:.0f} | {wall} | {median_cpu[name]:.0f} | {per} | {steal[name]:.1f} | {idle[name]:.1f} |")
     if memory:
         print(f"\nmemory over {memory['epochs']:.2f} epochs ({memory['workers']} Ray workers, {memory['steps']} steps, {memory['rate']:.0f} samples/s): "
               f"largest worker peak RSS {memory['peak_rss_mb']:.0f} MiB + its loader process(es) {memory['peak_loader_rss_mb']:.0f} MiB; "
@@ -156,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               f"loader {memory['loader_rss_epoch1_mb']:.0f} -> {memory['loader_rss_last_mb']:.0f} MiB, "
               f"growth {100 * memory['growth']:+.1f}% (target under 5%)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_speed.json").write_text(json.dumps({"samples_per_s": results, "median": median, "memory": memory}, indent=1))
+    (out / "train_speed.json").write_text(json.dumps({"samples_per_s": results, "median": median, "samples_per_cpu_s": per_cpu,
+                                                                   "median_per_cpu_s": median_cpu, "host": host, "memory": memory}, indent=1))
     return 0
 
 

@@ -26,3 +26,18 @@ def test_quality_benchmark_trains_evaluates_and_records_refusals(tmp_path, ray_l
     assert main(["--budget-s", "1", "--tasks", "rotation", "--data", str(data), "--out", str(out)]) == 0
     assert json.loads((out / "quality.json").read_text())["tasks"]["rotation"]["run_dir"] == rotation["run_dir"]
 
+
+
+def test_cpu_meter_counts_exited_children_and_grandchildren():
+    import subprocess
+    import sys
+
+    from bench.host import CpuMeter
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    meter = CpuMeter.start(interval=0.1)
+    subprocess.run([sys.executable, "-c", spin], check=True)  # a child: 0.6 CPU-s, reaped before stop
+    # A grandchild under a shell that exits before stop: counted from its last sample (within 0.1 s).
+    subprocess.run(["bash", "-c", f"{sys.executable} -c '{spin}'; true"], check=True)
+    seconds = meter.stop()
+    assert 1.1 <= seconds <= 3.0, seconds  # 1.2 s of spinning plus two interpreter start-ups
