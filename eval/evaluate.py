@@ -84,6 +84,14 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     return result
 
 
+def brief(row: dict) -> dict:
+    """A row for the log: the low-shot settings by their means, the probe's validation scores left out."""
+    shown = {k: v for k, v in row.items() if k not in ("linear_val_accuracy", "low_shot")}
+    if "low_shot" in row:
+        shown["low_shot"] = {k: round(v["mean"], 4) for k, v in row["low_shot"].items() if "mean" in v}
+    return shown
+
+
 def score_per_layer(models: dict[str, nn.Module], splits: dict, decoder: ImageDecoder, manifest: dict, cfg: Config, device) -> dict:
     """{model: {stage: {"dim", "knn", "linear"}}}: every stage of each backbone that exposes its
     stages (timm's forward_intermediates), pooled and scored by kNN and the linear probe."""
@@ -161,7 +169,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
             embedded = features[cfg.data.test_split]
         elif all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values()):
             store_row(key, rows[name])
-        log.info("%s: %s", name, {k: v for k, v in rows[name].items() if k != "linear_val_accuracy"})
+        log.info("%s: %s", name, brief(rows[name]))
     rows = {name: rows[name] for name in ("raw_pixels", "random_init", "pretrained") if name in rows}  # table order
     per_layer = {}
     if "per_layer" in cfg.eval.protocols:

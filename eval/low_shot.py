@@ -9,6 +9,7 @@ deviation of top-1 accuracy on the whole test split."""
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import torch
 from torch import Tensor
@@ -57,11 +58,12 @@ def k_shot_svm(train_features: Tensor, train_labels: Tensor, test_features: Tens
     """{"1-shot": {"mean", "std", "runs"}, ...}: a one-vs-rest linear SVM (scikit-learn) on k
     standardized samples per class (scaled on those samples alone: a k-shot learner sees no more).
     A k larger than the smallest class is skipped: {"skipped": the reason, naming the class}."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
     out = {}
     for k in shots:
-        runs = []
+        runs, converged = [], True
         for seed in range(seeds):
             try:
                 subset = balanced_subset(train_labels, seed, per_class=k)
@@ -69,9 +71,13 @@ def k_shot_svm(train_features: Tensor, train_labels: Tensor, test_features: Tens
                 out[f"{k}-shot"] = {"skipped": str(err)}
                 break
             scale = Standardizer(train_features[subset])
-            svm = LinearSVC(C=C, max_iter=5000, random_state=seed).fit(scale(train_features[subset]).numpy(), train_labels[subset].numpy())
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                svm = LinearSVC(C=C, max_iter=20000, random_state=seed).fit(scale(train_features[subset]).numpy(),
+                                                                             train_labels[subset].numpy())
+            converged = converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught)
             predicted = torch.from_numpy(svm.predict(scale(test_features).numpy()))
             runs.append(float((predicted == test_labels).float().mean()))
         else:
-            out[f"{k}-shot"] = summary(runs)
+            out[f"{k}-shot"] = summary(runs) | {"converged": converged}  # liblinear within max_iter on every seed
     return out

@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmnist.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     fmnist.add_argument("--src", help="folder holding the four idx .gz files")
     fmnist.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
+    digits = sources.add_parser("digits", help="scikit-learn's 8x8 handwritten digits (ships with scikit-learn) -> train/test shards",
+                                description="1,797 images, 10 classes, a stratified seeded split: a second dataset to score "
+                                            "transfer on (sslpipe eval RUN --data-root DIR).")
+    digits.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    digits.add_argument("--test-fraction", type=float, default=0.3)
+    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     folder = sources.add_parser("folder", help="an image tree (PATH/[train|val|test/]<class>/img) -> shards",
                                 description="Class-per-subfolder images; labels are optional (images directly in PATH). "
                                             "Subfolders train/, val/, test/ become splits; otherwise everything is 'train'.")
@@ -185,6 +192,10 @@ def cmd_data(args) -> int:
         return 0 if all(r.ok for r in reports) else 1
     if args.source == "fashion-mnist":
         manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard)
+    elif args.source == "digits":
+        from pipeline.ingest import write_digits
+
+        manifest = write_digits(args.out, args.test_fraction, args.seed, args.samples_per_shard)
     elif args.source == "video":
         from pipeline.video import write_video_dataset
 

@@ -36,3 +36,26 @@ def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", sam
         )
         splits[split] = write_split(samples, out, split, len(items), mode, samples_per_shard)
     return write_manifest(out, Path(path).resolve().name, classes, mode, splits)
+
+
+def write_digits(out: str | Path, test_fraction: float = 0.3, seed: int = 0, samples_per_shard: int = 0) -> Path:
+    """scikit-learn's handwritten digits (1,797 images of 8x8, 17 grey levels, 10 classes; shipped
+    with scikit-learn, no download) as train/test shards: a small second dataset to score transfer
+    on (`sslpipe eval RUN --data-root DIR`: the run's decoder resizes them to its input size).
+    The split is stratified and seeded, so the same shards come out every time."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"--test-fraction={test_fraction} must be in (0, 1)")
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    index = np.arange(len(images))
+    train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    out = Path(out)
+    splits = {}
+    for split, rows in (("train", np.sort(train)), ("test", np.sort(test))):
+        splits[split] = write_split(fashion_mnist_samples(images[rows], digits.target[rows], split), out, split, len(rows), "L",
+                                    samples_per_shard)
+    return write_manifest(out, "sklearn-digits", [str(d) for d in range(10)], "L", splits)
