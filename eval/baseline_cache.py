@@ -10,8 +10,8 @@ ignored, never trusted. The key holds everything the score depends on:
 - the scoring: kNN k and temperature, the probe's C grid and held-out fraction, the protocols
   and their settings, and
   SCORING_VERSION, raised whenever eval/knn.py or eval/linear_probe.py changes what they compute;
-- for the random-init backbone: the model config, the seed, the input channels and the torch and
-  timm versions (their initializers draw the weights).
+- for the random-init backbone: the model config, the seed, the input channels, the torch and
+  timm versions (their initializers draw the weights) and eval.precise_bn.
 
 Rows are stored only from a complete read (no bad or missing samples) and used only when the
 current run's own read is complete too. The folder is `$SSLPIPE_CACHE/baselines`, default
@@ -62,7 +62,8 @@ def baseline_key(name: str, cfg, manifest: dict, decoder, channels: int) -> dict
         import torch
 
         key["model"] = dataclasses.asdict(cfg.model)
-        key.update(seed=cfg.train.seed, channels=channels, torch=torch.__version__.split("+")[0], timm=timm.__version__)
+        key.update(seed=cfg.train.seed, channels=channels, torch=torch.__version__.split("+")[0], timm=timm.__version__,
+                   precise_bn=cfg.eval.precise_bn)
     return key
 
 

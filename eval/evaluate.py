@@ -19,6 +19,7 @@ from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.low_shot import k_shot_svm, low_shot_probe
 from eval.per_layer import PooledStages, plot_per_layer
+from eval.precise_bn import recompute_batchnorm
 from eval.report import write_results
 from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
@@ -156,6 +157,9 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
             cached.append(name)
             log.info("%s: cached scores from %s", name, entry_path(key))
             continue
+        if model is not None and cfg.eval.precise_bn:
+            recompute_batchnorm(model, splits[cfg.data.train_split], decoder, cfg.eval.precise_bn, cfg.eval.batch_size,
+                                cfg.eval.loader_workers, device, BadSamples.for_config(cfg.data))
         features, policies = {}, {}
         for split, urls in splits.items():
             policies[split] = BadSamples.for_config(cfg.data)
@@ -186,6 +190,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         "knn_temperature": cfg.eval.knn_temperature,
         "rows": rows,
         "input": read,  # scored against listed samples per split (shards read short show here)
+        "precise_bn_images": cfg.eval.precise_bn,  # batch-norm statistics recomputed on this many train images (0: as trained)
         "cached_baselines": cached,  # rows taken from eval/baseline_cache.py's cache, not scored again
         **({"per_layer": per_layer} if per_layer else {}),
         "seconds": round(time.perf_counter() - start, 1),

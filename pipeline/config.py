@@ -117,6 +117,10 @@ class EvalConfig:
     # Reuse the baselines' scores from an earlier eval on the same shards, backbone, seed and eval
     # settings (eval/baseline_cache.py; $SSLPIPE_CACHE/baselines, default ~/.cache/sslpipe/baselines).
     cache_baselines: bool = True
+    # > 0: before extracting features, every backbone's batch-norm statistics are recomputed on this
+    # many unaugmented train images (precise BN, eval/precise_bn.py): the running averages of
+    # pretraining describe augmented views, not the whole images eval scores. 0: as trained.
+    precise_bn: int = 0
     # Online kNN during pretraining (rank 0, pipeline/online_eval.py): every online_every steps
     # (0: off), kNN k=knn_k[0] with the first online_bank train samples as the bank and the first
     # online_queries test samples as queries; logged as online_knn in every metrics sink.
@@ -335,6 +339,7 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "scaling.max_failures": cfg.scaling.max_failures,
         "eval.loader_workers": cfg.eval.loader_workers,
+        "eval.precise_bn": cfg.eval.precise_bn,
         "eval.image_size": cfg.eval.image_size,
         "train.figures_every": cfg.train.figures_every,
         "eval.online_every": cfg.eval.online_every,

@@ -104,3 +104,21 @@ def test_digits_shards_are_deterministic_and_a_run_is_scored_on_them_by_transfer
     assert results["dataset"] == "sklearn-digits" and results["image_size"] == 16  # the run's size: 8 px digits resized
     assert results["input"]["test"]["scored"] == 540 and results["rows"]["raw_pixels"]["dim"] == 256
     assert results["rows"]["pretrained"]["linear"] > 0.3  # a 4-step run, far above chance (10%) on another dataset
+
+
+def test_precise_bn_replaces_running_statistics_by_the_train_images_average(shards):
+    from eval.precise_bn import recompute_batchnorm
+    from pipeline.data import decoder_for, eval_loader
+    from pipeline.shards import read_manifest, split_urls
+
+    manifest = read_manifest(shards)
+    decoder = decoder_for(manifest, "train", 0)
+    urls = split_urls(shards, manifest, "train")
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Dropout(0.5))
+    model[0].running_mean.fill_(5.0)  # what an augmented pretraining left behind
+    seen = recompute_batchnorm(model, urls, decoder, images=64, batch_size=16, loader_workers=0)
+    images = torch.cat([batch for batch, _, _ in eval_loader(urls, 0, 1, decoder, 16, 0)])[:64]
+    assert seen == 64
+    assert torch.allclose(model[0].running_mean, images.mean().view(1), atol=1e-5)  # 4 equal batches: their average
+    assert model[0].momentum == 0.1 and not model.training  # the norm's settings are restored, eval mode
+    assert recompute_batchnorm(torch.nn.Linear(2, 2), urls, decoder, images=64) == 0  # nothing to recompute
