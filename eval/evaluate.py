@@ -85,6 +85,12 @@ def score(train: Features, test: Features, cfg: Config) -> dict:
     return result
 
 
+def read_complete(read: dict) -> bool:
+    """Whether every split so far was read whole (no bad or missing samples, no failed shard): the
+    baseline cache stores and serves rows only then."""
+    return all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values())
+
+
 def brief(row: dict) -> dict:
     """A row for the log: the low-shot settings by their means, the probe's validation scores left out."""
     shown = {k: v for k, v in row.items() if k not in ("linear_val_accuracy", "low_shot")}
@@ -150,8 +156,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
     rows, read, cached = {}, {}, []
     for name, model in models.items():
         key = baseline_key(name, cfg, manifest, decoder, state["manifest"]["channels"]) if name != "pretrained" and cfg.eval.cache_baselines else None
-        complete = all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values())
-        row = load_row(key) if complete else None
+        row = load_row(key) if read_complete(read) else None
         if row is not None:
             rows[name] = row
             cached.append(name)
@@ -171,7 +176,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         rows[name] = score(features[cfg.data.train_split], features[cfg.data.test_split], cfg)
         if name == "pretrained":  # its test features are drawn into embedding.png
             embedded = features[cfg.data.test_split]
-        elif all(not (r["bad_samples"] or r["missing_samples"] or r["bad_shards"]) for r in read.values()):
+        elif read_complete(read):
             store_row(key, rows[name])
         log.info("%s: %s", name, brief(rows[name]))
     rows = {name: rows[name] for name in ("raw_pixels", "random_init", "pretrained") if name in rows}  # table order
