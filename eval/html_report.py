@@ -20,7 +20,7 @@ from eval.report import ROW_NAMES
 from pipeline.metrics import read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RUN_IMAGES = ("training_curves.png", "eval/results.png", "eval/embedding.png", "eval/samples.png")
+RUN_IMAGES = ("training_curves.png", "eval/results.png", "eval/embedding.png", "eval/per_layer.png", "eval/samples.png")
 ROW_ORDER = ("pretrained", "random_init", "raw_pixels")  # then any other rows results.json holds
 STEP_GRID = re.compile(r"step_(\d+)_(.+)\.png")  # training-time grids: <run_dir>/samples/step_00000600_<kind>.png
 CSS = """
@@ -137,6 +137,13 @@ def result_rows(runs: list[Run]) -> list[tuple[str, list[str], bool]]:
         for k in ks:
             lines.append((f"{label}: kNN top-1 (k={k})", [percent(row.get("knn", {}).get(str(k))) for row in rows], name == "pretrained"))
         lines.append((f"{label}: linear top-1", [percent(row.get("linear")) for row in rows], name == "pretrained"))
+        settings = list(dict.fromkeys(s for row in rows for s in row.get("low_shot", {})))  # "1%", ..., "50-shot"
+        for setting_name in settings:
+            lines.append((f"{label}: low-shot {setting_name} (mean of seeds)",
+                          [percent(row.get("low_shot", {}).get(setting_name, {}).get("mean")) for row in rows], name == "pretrained"))
+        if any("clustering" in row for row in rows):
+            for metric, title in (("nmi", "NMI"), ("accuracy", "matched accuracy")):
+                lines.append((f"{label}: k-means {title}", [percent(row.get("clustering", {}).get(metric)) for row in rows], name == "pretrained"))
     generative = [(r.results or {}).get("generative") or {} for r in runs]
     if any(generative):
         lines.append(("test bits/dim", [number(g.get("bits_per_dim"), ".3f") + (f" ({g['kind']})" if "kind" in g else "") for g in generative], False))

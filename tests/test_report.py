@@ -93,7 +93,9 @@ def make_run(root, name: str, knn20: float, evaluated: bool = True, options: dic
         save_grid(grid, run_dir / "samples" / f"step_{step:08d}_prior_samples.png", nrow=2)
     if evaluated:
         rows = {"raw_pixels": {"dim": 256, "knn": {"20": 0.8569, "200": 0.8212}, "linear": 0.8405},
-                "pretrained": {"dim": 64, "knn": {"20": knn20, "200": knn20 - 0.02}, "linear": knn20 + 0.01}}
+                "pretrained": {"dim": 64, "knn": {"20": knn20, "200": knn20 - 0.02}, "linear": knn20 + 0.01,
+                               "low_shot": {"1%": {"mean": 0.7777, "std": 0.01, "runs": [0.7677, 0.7877]}, "100-shot": {"skipped": "too few"}},
+                               "clustering": {"nmi": 0.5432, "ari": 0.4, "accuracy": 0.6543}}}
         results = {"task": "rotation", "backbone": "resnet18", "dataset": "glyphs <i>&</i>", "step": 40, "image_size": 16,
                    "knn_k": [20, 200], "rows": rows, "seconds": 1.5,
                    "generative": {"kind": "elbo", "nats_per_image": -2359.78, "bits_per_dim": 4.3424, "images": 48}}
@@ -115,7 +117,8 @@ def test_report_holds_both_runs_values_and_embedded_images_only(two_runs):
     assert "rot-&lt;b&gt;&amp;&quot;a&quot;" in page and 'rot-<b>&"a"' not in page  # names from the file system are escaped
     assert "glyphs &lt;i&gt;&amp;&lt;/i&gt;" in page and "&lt;script&gt;x&lt;/script&gt;" in page
     assert "<script" not in page.lower() and "<link" not in page.lower() and "url(" not in page
-    for value in ("81.23", "79.23", "82.23", "85.69", "84.05", "4.342 (elbo)", "-2359.8", "60 (steps 20–40)", "40 of 40"):
+    for value in ("81.23", "79.23", "82.23", "85.69", "84.05", "4.342 (elbo)", "-2359.8", "60 (steps 20–40)", "40 of 40",
+                  "low-shot 1% (mean of seeds)", "77.77", "k-means NMI", "54.32", "65.43"):
         assert value in page, value
     assert "rot-b" in page and "No eval results" in page and "sslpipe eval" in page
     assert not [link for link in re.findall(r'(?:src|href)="([^"]*)"', page) if "http" in link or not link.startswith("data:image/png;base64,")]
