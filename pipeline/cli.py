@@ -293,7 +293,7 @@ def cmd_demo(args, overrides) -> None:
     end = time.perf_counter()
     print()
     print(f"## {results['task']} pretraining on {results['dataset']}: {cfg.model.backbone}, "
-          f"{cfg.scaling.num_workers} Ray workers, {results['step']} steps of {cfg.train.global_batch_size}")
+          f"{cfg.scaling.num_workers} Ray worker{'s' if cfg.scaling.num_workers != 1 else ''}, {results['step']} steps of {cfg.train.global_batch_size}")
     print(markdown_table(results))
     print(f"\nwall time: shards {data_done - start:.0f} s, pretraining {train_done - data_done:.0f} s, "
           f"eval {end - train_done:.0f} s, total {end - start:.0f} s")
