@@ -125,10 +125,10 @@ def score_per_layer(models: dict[str, nn.Module], splits: dict, decoder: ImageDe
 
 def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str | None = None, device: str | None = None,
              baselines: list[str] | None = None, image_size: int | None = None, data_options: dict | None = None,
-             protocols: list[str] | None = None) -> dict:
+             protocols: list[str] | None = None, precise_bn: int | None = None) -> dict:
     """Evaluates the latest checkpoint under `path`; writes results.json, results.md and results.png.
-    `baselines`, `image_size` and `protocols` replace the config's eval.baselines, eval.image_size
-    and eval.protocols (a benchmark scores baselines once for many runs)."""
+    `baselines`, `image_size`, `protocols` and `precise_bn` replace the config's eval.baselines,
+    eval.image_size, eval.protocols and eval.precise_bn (a benchmark scores baselines once for many runs)."""
     start = time.perf_counter()
     checkpoint, _ = load_valid_checkpoint(path)
     cfg, pretrained, state = load_pretrained(checkpoint, data_root)
@@ -136,6 +136,8 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         cfg.eval.baselines = baselines
     if protocols is not None:
         cfg.eval.protocols = protocols
+    if precise_bn is not None:
+        cfg.eval.precise_bn = precise_bn
     if image_size is not None:
         cfg.eval.image_size = image_size
     for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls

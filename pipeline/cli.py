@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.add_argument("--image-size", type=int, help="evaluate whole images at this size (default: the run's eval.image_size, "
                           "else the pretraining size; 0 forces the pretraining size)")
+    evaluate.add_argument("--precise-bn", type=int, metavar="IMAGES",
+                          help="recompute batch-norm statistics on this many unaugmented train images first (default: the "
+                               "run's eval.precise_bn; 0: as trained)")
     evaluate.add_argument("--protocols", nargs="*", metavar="NAME",
                           help="protocols beside kNN and the linear probe: low_shot, clustering, per_layer (default: the run's "
                                "eval.protocols, low_shot and clustering; none: kNN and probe only)")
@@ -240,8 +243,10 @@ def cmd_eval(args) -> dict:
         unknown = sorted(set(args.protocols) - set(EVAL_PROTOCOLS))
         if unknown:
             raise ConfigError(f"--protocols: unknown {unknown}; choose from {list(EVAL_PROTOCOLS)}")
+    if args.precise_bn is not None and args.precise_bn < 0:
+        raise ConfigError(f"--precise-bn={args.precise_bn} must be >= 0")
     results = evaluate(args.path, args.out, args.data_root, args.device, image_size=args.image_size, data_options=input_overrides(args),
-                       protocols=args.protocols)
+                       protocols=args.protocols, precise_bn=args.precise_bn)
     print(markdown_table(results))
     return results
 

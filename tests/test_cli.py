@@ -126,3 +126,8 @@ def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
 def test_eval_refuses_an_unknown_protocol_by_name(shards, tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--protocols", "per_layer", "linear_svm"]) == 2
     assert "linear_svm" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_negative_precise_bn_count(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--precise-bn", "-1"]) == 2
+    assert "--precise-bn=-1" in capsys.readouterr().err
