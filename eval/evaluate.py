@@ -113,8 +113,10 @@ def score_per_layer(models: dict[str, nn.Module], splits: dict, decoder: ImageDe
                                             bad_samples=BadSamples.for_config(cfg.data))
                     for split, urls in splits.items()}
         train, test = (features[s] for s in (cfg.data.train_split, cfg.data.test_split))
+        test_stages = stages.split(test.features)
         out[name] = {}
-        for stage, (train_x, test_x) in zip(stages.names, zip(stages.split(train.features).values(), stages.split(test.features).values())):
+        for stage, train_x in stages.split(train.features).items():
+            test_x = test_stages[stage]
             probe = linear_probe(train_x, train.labels, test_x, test.labels, cfg.eval.linear_C, cfg.eval.linear_val_fraction)
             out[name][stage] = {"dim": int(train_x.shape[1]), "linear": probe.accuracy,
                                 "knn": {str(k): knn_accuracy(train_x, train.labels, test_x, test.labels, k, cfg.eval.knn_temperature)

@@ -103,8 +103,9 @@ def multi_view_nt_xent(views: Tensor, temperature: float = 0.1, gather: bool = F
     image = (torch.arange(batch, device=views.device) + offset).repeat(count)  # each anchor's image id
     anchor_column = image + torch.arange(count, device=views.device).repeat_interleave(batch) * total
     candidate_image = torch.arange(total, device=views.device).repeat(count)
-    logits = logits.masked_fill(F.one_hot(anchor_column, count * total).bool(), float("-inf"))  # not itself
-    positive = (candidate_image[None, :] == image[:, None]) & ~F.one_hot(anchor_column, count * total).bool()
+    itself = F.one_hot(anchor_column, count * total).bool()
+    logits = logits.masked_fill(itself, float("-inf"))
+    positive = (candidate_image[None, :] == image[:, None]) & ~itself
     denominator = (logits.masked_fill(positive, float("-inf")) if decoupled else logits).logsumexp(1, keepdim=True)
     log_prob = logits - denominator
     loss = -(log_prob.masked_fill(~positive, 0.0).sum(1) / (count - 1)).mean()
