@@ -44,9 +44,11 @@ TASK_CONFIGS = {
     "multitask": "configs/multitask_fmnist.yaml",
     # Joint-embedding methods (issue 14).
     "byol": "configs/byol_fmnist.yaml",
+    "byol_s2": "configs/byol_s2_fmnist.yaml",
     "simsiam": "configs/simsiam_fmnist.yaml",
     "barlow_twins": "configs/barlow_twins_fmnist.yaml",
     "vicreg": "configs/vicreg_fmnist.yaml",
+    "vicreg_s2": "configs/vicreg_s2_fmnist.yaml",  # long-budget rows: the demo's backbone and settings
     "dino": "configs/dino_fmnist.yaml",
     "dino_vit": "configs/dino_vit_fmnist.yaml",
     "swav": "configs/swav_fmnist.yaml",
