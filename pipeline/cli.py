@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -154,9 +155,21 @@ def input_overrides(args) -> dict:
     return {k: True for k, flag in (("strict", args.strict), ("allow_shell_urls", args.allow_shell_urls)) if flag}
 
 
+def worker_count(text: str) -> int | list[int]:
+    """`--num-workers 4` or `--num-workers 2:8` (elastic)."""
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or MIN:MAX, e.g. 4 or 2:8")
+    return parts[0] if len(parts) == 1 else parts
+
+
 def add_scaling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address ('auto', host:port); default: $RAY_ADDRESS or an embedded local Ray")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (scaling.num_workers)")
+    parser.add_argument("--num-workers", type=worker_count,
+                        help="Ray Train workers (scaling.num_workers): N, or MIN:MAX for elastic training")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (scaling.use_gpu=true)")
 
 
@@ -173,7 +186,7 @@ def load_config(args, overrides: list[str]) -> Config:
     if args.address:
         flags.append(f"scaling.address={args.address}")
     if args.num_workers is not None:
-        flags.append(f"scaling.num_workers={args.num_workers}")
+        flags.append(f"scaling.num_workers={json.dumps(args.num_workers)}")
     if args.gpu:
         flags.append("scaling.use_gpu=true")
     flags += [f"data.{key}=true" for key in input_overrides(args)]
@@ -298,7 +311,7 @@ def cmd_demo(args, overrides) -> None:
     end = time.perf_counter()
     print()
     print(f"## {results['task']} pretraining on {results['dataset']}: {cfg.model.backbone}, "
-          f"{cfg.scaling.num_workers} Ray worker{'s' if cfg.scaling.num_workers != 1 else ''}, {results['step']} steps of {cfg.train.global_batch_size}")
+          f"{cfg.scaling.describe()}, {results['step']} steps of {cfg.train.global_batch_size}")
     print(markdown_table(results))
     print(f"\nwall time: shards {data_done - start:.0f} s, pretraining {train_done - data_done:.0f} s, "
           f"eval {end - train_done:.0f} s, total {end - start:.0f} s")
@@ -309,10 +322,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input or configuration (one line at the CLI), not a bug."""
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import ShardError
+    from pipeline.preemption import Preempted
     from pipeline.sources import DatasetNotFoundError
 
     # OSError: storage (a remote shard that cannot be read, a full disk), named by our messages.
-    return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, OSError, KeyError, ValueError
+    return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, Preempted, OSError, KeyError, ValueError
 
 
 def root_cause(err: BaseException, wanted: tuple[type[BaseException], ...]) -> BaseException | None:

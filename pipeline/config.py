@@ -6,6 +6,8 @@ or outside their choices raise `ConfigError` naming the key, before any Ray work
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 import urllib.parse
@@ -81,15 +83,40 @@ class TrainConfig:
     # learning-rate curve (past its end the last value holds), "restart" runs a new warm-up and
     # cosine over the added steps from optim.lr (a new --optim.lr applies only with "restart").
     resume_schedule: Literal["continue", "restart"] = "continue"
+    # Steps between asks whether Ray is draining one of the run's nodes (a preemption notice with a
+    # deadline: one checkpoint then); 0: never. SIGTERM is seen at every step (pipeline/preemption.py).
+    preemption_poll_every: int = 10
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    # An int, or [min, max] for elastic training: Ray Train starts with as many workers as the
+    # cluster holds (at least min), restarts smaller when a node is lost and grows when one joins,
+    # every time from the newest checkpoint, with the same global batch and schedule.
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
     address: str = ""  # "" : embedded local Ray (or $RAY_ADDRESS); "auto" or host:port joins a cluster
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts after errors (a lost node is one); -1: no limit
+    resize_interval_s: float = 60.0  # elastic runs: how often Ray Train looks for room to grow
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
+
+    def describe(self) -> str:
+        """"2 Ray workers" or "2-8 Ray workers (elastic)"."""
+        if self.elastic:
+            return f"{self.min_workers}-{self.max_workers} Ray workers (elastic)"
+        return f"{self.num_workers} Ray worker{'s' if self.num_workers != 1 else ''}"
 
 
 EVAL_PROTOCOLS = ("low_shot", "clustering", "per_layer")
@@ -323,7 +350,6 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "train.log_every": cfg.train.log_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "scaling.num_workers": cfg.scaling.num_workers,
         "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
         "eval.batch_size": cfg.eval.batch_size,
         "optim.lr": cfg.optim.lr,
@@ -337,21 +363,20 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
-        "scaling.max_failures": cfg.scaling.max_failures,
+        "scaling.resize_interval_s": cfg.scaling.resize_interval_s,
         "eval.loader_workers": cfg.eval.loader_workers,
         "eval.precise_bn": cfg.eval.precise_bn,
         "eval.image_size": cfg.eval.image_size,
         "train.figures_every": cfg.train.figures_every,
         "eval.online_every": cfg.eval.online_every,
+        "train.preemption_poll_every": cfg.train.preemption_poll_every,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.train.global_batch_size % cfg.scaling.num_workers:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} must be divisible by "
-            f"scaling.num_workers={cfg.scaling.num_workers}"
-        )
+    if cfg.scaling.max_failures < -1:
+        raise ConfigError(f"scaling.max_failures must be >= 0, or -1 for no limit, got {cfg.scaling.max_failures}")
+    check_worker_range(cfg)
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -379,11 +404,6 @@ def validate(cfg: Config, check_task: bool = True) -> None:
         raise ConfigError(f"eval.knn_temperature must be positive, got {cfg.eval.knn_temperature}")
     if cfg.data.train_split == cfg.data.test_split:
         raise ConfigError(f"data.train_split and data.test_split are both {cfg.data.train_split!r}; evaluation needs two different splits")
-    if cfg.train.global_batch_size // cfg.scaling.num_workers < 2:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} gives {cfg.train.global_batch_size // cfg.scaling.num_workers} "
-            f"sample(s) per worker with scaling.num_workers={cfg.scaling.num_workers}; batch norm needs at least 2"
-        )
     if cfg.tracking.mlflow_uri:
         if not cfg.tracking.mlflow_experiment:
             raise ConfigError("tracking.mlflow_experiment must name an experiment when tracking.mlflow_uri is set")
@@ -399,6 +419,38 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name: unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     check_task_options(cfg.task.name, cfg.task.options)
+
+
+def check_worker_range(cfg: Config) -> None:
+    """scaling.num_workers is a positive int or [min, max] with 1 <= min <= max, and the global
+    batch splits evenly into at least 2 samples per worker at every size the run may take.
+
+    No gradient accumulation for sizes that do not divide: with micro-batches a contrastive loss
+    would see fewer negatives and batch norm smaller batches after a resize, so the objective
+    itself would change with the cluster. An even split keeps the loss, the learning rate and
+    the schedule the same at every size."""
+    s, batch = cfg.scaling, cfg.train.global_batch_size
+    if s.elastic:
+        if len(s.num_workers) != 2:
+            raise ConfigError(f"scaling.num_workers={s.num_workers}: give one number, or [min, max] for elastic training")
+        if not 1 <= s.min_workers <= s.max_workers:
+            raise ConfigError(f"scaling.num_workers={s.num_workers}: elastic training needs 1 <= min <= max")
+    elif s.num_workers <= 0:
+        raise ConfigError(f"scaling.num_workers must be positive, got {s.num_workers}")
+    sizes = range(s.min_workers, s.max_workers + 1)
+    uneven = [n for n in sizes if batch % n]
+    if uneven:
+        fits = functools.reduce(math.lcm, sizes)
+        nearest = sorted({max(fits, batch // fits * fits), (batch // fits + 1) * fits})
+        raise ConfigError(
+            f"train.global_batch_size={batch} does not split evenly over {', '.join(map(str, uneven))} worker(s), "
+            f"sizes scaling.num_workers={s.num_workers} allows; the global batch (and so the loss and the schedule) "
+            f"stays the same at every size, so choose a multiple of {fits}, e.g. {' or '.join(map(str, nearest))}"
+            + (", or narrow the range" if s.elastic else ""))
+    if batch // s.max_workers < 2:
+        raise ConfigError(
+            f"train.global_batch_size={batch} gives {batch // s.max_workers} sample(s) per worker with "
+            f"{s.max_workers} workers (scaling.num_workers={s.num_workers}); batch norm needs at least 2")
 
 
 # Switches that let a dataset run code on this machine. They come only from the command line or the

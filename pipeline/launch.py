@@ -29,12 +29,14 @@ def prepare_run_dir(cfg: Config) -> Path:
 def check_local_resources(cfg: Config) -> None:
     """Ray waits forever for resources that never come: refuse impossible requests up front."""
     s = cfg.scaling
+    # An embedded Ray never gains a node, so even an elastic run's maximum must fit this machine.
     if s.use_gpu:
         import torch
 
-        if not s.address and torch.cuda.device_count() < s.num_workers:
-            raise ConfigError(f"scaling.num_workers={s.num_workers} with scaling.use_gpu=true needs {s.num_workers} GPUs; this machine has {torch.cuda.device_count()}")
-    needed = s.num_workers * s.cpus_per_worker
+        if not s.address and torch.cuda.device_count() < s.max_workers:
+            raise ConfigError(f"scaling.num_workers={s.num_workers} with scaling.use_gpu=true needs {s.max_workers} GPUs; "
+                              f"this machine has {torch.cuda.device_count()}")
+    needed = s.max_workers * s.cpus_per_worker
     if not s.address and needed > (os.cpu_count() or 1):
         raise ConfigError(
             f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker} = {needed} CPUs, "
@@ -56,7 +58,7 @@ def check_data(cfg: Config):
     from pipeline.train import build_task
 
     task = build_task(cfg, manifest, decoder)
-    if len(urls) < cfg.scaling.num_workers:
+    if len(urls) < cfg.scaling.max_workers:
         raise ConfigError(
             f"split {cfg.data.train_split!r} of {cfg.data.root} has {len(urls)} shard(s) for scaling.num_workers={cfg.scaling.num_workers}: "
             f"each worker needs at least one; rewrite the shards smaller (--samples-per-shard) or use fewer workers"
@@ -65,17 +67,29 @@ def check_data(cfg: Config):
 
 
 def check_cluster_resources(cfg: Config) -> None:
+    """A fixed-size run must fit the cluster as it is. An elastic run needs room for its minimum:
+    beyond that it grows into nodes as they join (an autoscaler's or a returning spot node)."""
     import ray
 
     available = ray.cluster_resources()
     s = cfg.scaling
-    wants = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
-    for resource, amount in wants.items():
+
+    def wants(workers: int) -> dict[str, int]:
+        return {"CPU": workers * s.cpus_per_worker, "GPU": workers if s.use_gpu else 0}
+
+    for resource, amount in wants(s.min_workers).items():
         if amount > available.get(resource, 0):
             raise ConfigError(
                 f"the Ray cluster has {available.get(resource, 0):g} {resource}s, but scaling asks for {amount} "
-                f"({s.num_workers} workers); Ray would wait for them forever"
+                f"({s.min_workers} {'workers at least' if s.elastic else 'workers'}); Ray would wait for them forever"
             )
+    if s.elastic:
+        room = min(int(available.get(r, 0) // per) for r, per in wants(1).items() if per)
+        log.info("elastic training: %d-%d workers, room for %d now; Ray Train looks for more every %g s",
+                 s.min_workers, s.max_workers, min(room, s.max_workers), s.resize_interval_s)
+        if s.max_failures == 0:
+            log.warning("scaling.max_failures=0: a node that is lost without a drain notice ends the run "
+                        "(drained, preempted nodes are retried anyway); set -1 to restart smaller every time")
 
 
 def init_ray(cfg: Config) -> None:
@@ -108,10 +122,12 @@ def start_run(cfg: Config, resume: str | Path | None) -> Path:
 
 def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     """The same training loop in this one process, without Ray (checkpoints in RUN_DIR/checkpoints)."""
+    from pipeline.preemption import install_sigterm_handler
     from pipeline.session import LocalSession
     from pipeline.train import train_worker
 
     run_dir = start_run(cfg, resume)
+    install_sigterm_handler()  # SIGTERM: a checkpoint at the next step, then Preempted (when called from the main thread)
     train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints))
     plot_metrics(run_dir)
     return run_dir
@@ -126,7 +142,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train import train_loop_per_worker
+    from pipeline.preemption import RayTrainLoop
 
     run_dir = start_run(cfg, resume)
     check_local_resources(cfg)
@@ -134,10 +150,12 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
     check_cluster_resources(cfg)
     s = cfg.scaling
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        RayTrainLoop(),  # pipeline.train.train_loop_per_worker, with a SIGTERM handler in each worker
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            **({"elastic_resize_monitor_interval_s": s.resize_interval_s} if s.elastic else {}),
         ),
         run_config=ray.train.RunConfig(
             # Ray's folder (checkpoint_* directories) lives inside our run directory. A new name per

@@ -63,8 +63,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def resizes(metrics: list[dict]) -> list[tuple[int, int, int]]:
+    """(step, world size before, after) wherever consecutive rows differ in world_size (an elastic
+    run that shrank or grew; rows from before world_size was logged count as unknown)."""
+    changes, before = [], None
+    for row in metrics:
+        size = row.get("world_size")
+        if size is not None and before is not None and size != before:
+            changes.append((row["step"], before, size))
+        before = size if size is not None else before
+    return changes
+
+
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """training_curves.png: one panel per logged metric (loss, accuracy, lr, throughput) against the step."""
+    """training_curves.png: one panel per logged metric (loss, accuracy, lr, throughput) against the
+    step, with a dashed line and the new worker count at every resize of an elastic run."""
     metrics = read_metrics(run_dir)
     if not metrics:
         return None
@@ -74,11 +87,15 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     # Every metric any row has (online_knn appears only on the rows it was computed for).
-    names = [k for k in dict.fromkeys(k for m in metrics for k in m) if k not in ("step", "epoch", "time", "online_eval_s")]
+    names = [k for k in dict.fromkeys(k for m in metrics for k in m) if k not in ("step", "epoch", "time", "online_eval_s", "world_size", "worker_batch")]
+    changes = resizes(metrics)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = [m for m in metrics if isinstance(m.get(name), (int, float))]
         ax.plot([m["step"] for m in rows], [m[name] for m in rows], marker="o" if len(rows) < 30 else None, markersize=3)
+        for step, _, size in changes:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(f"{size}w", (step, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="left", va="top", color="grey")
         ax.set_title(name)
         ax.set_xlabel("step")
     fig.tight_layout()

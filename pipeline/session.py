@@ -46,6 +46,9 @@ class LocalSession:
     def all_reduce_max(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
+    def preemption_info(self):
+        return None  # no Ray: only SIGTERM announces a preemption
+
 
 class RaySession:
     """A Ray Train worker. Every rank calls `report` at the same steps (unequal calls hang Ray)."""
@@ -110,6 +113,14 @@ class RaySession:
         with tempfile.TemporaryDirectory(prefix="sslpipe-ckpt-") as tmp:
             write_checkpoint(state, Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def preemption_info(self):
+        """Ray Train's notice that a node of this run is being drained (None when not; a
+        collective: every rank asks at the same steps)."""
+        import ray.train
+
+        ask = getattr(ray.train, "get_preemption_info", None)  # Ray Train >= 2.60
+        return ask() if ask is not None else None
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not torch.distributed.is_initialized():

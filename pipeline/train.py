@@ -19,6 +19,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog, memory_mb
 from pipeline.online_eval import OnlineKNN
+from pipeline.preemption import Preempted, PreemptionMonitor, training
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
 from pipeline.sync_batchnorm import convert_sync_batchnorm
@@ -202,69 +203,83 @@ def train_worker(cfg: Config, session) -> dict:
     encoder_input = task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
                                         "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
     online_knn = OnlineKNN(cfg, manifest, encoder_input) if cfg.eval.online_every and session.rank == 0 else None
+    if session.rank == 0:
+        log.info("%d worker%s, %d samples each per step (global batch %d)", session.world_size, "s" if session.world_size > 1 else "",
+                 batch_size, cfg.train.global_batch_size)
+    preemption = PreemptionMonitor(session, cfg.train.preemption_poll_every)
     batches = iter(loader)
     task.train()
     metrics: dict = {}
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start + 1, total + 1):
-        batch = to_device(next(batches), device, channels_last)
-        if batch_augment is not None:
-            batch = (batch_augment.on_batch(batch[0]), batch[1])
-        task.set_progress(step, total)
-        out = task.train_step(batch, optimizers, scaler, autocast)
-        for scheduler in schedulers.values():
-            scheduler.step()
-        for name, value in out.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())  # syncs; cheap next to a step
-        window_steps += 1
+    with training():  # SIGTERM from here on: a checkpoint at the next step boundary (pipeline/preemption.py)
+        for step in range(start + 1, total + 1):
+            batch = to_device(next(batches), device, channels_last)
+            if batch_augment is not None:
+                batch = (batch_augment.on_batch(batch[0]), batch[1])
+            task.set_progress(step, total)
+            out = task.train_step(batch, optimizers, scaler, autocast)
+            for scheduler in schedulers.values():
+                scheduler.step()
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())  # syncs; cheap next to a step
+            window_steps += 1
 
-        last = step == total
-        checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
-        if session.rank == 0 and (step % (cfg.train.figures_every or cfg.train.checkpoint_every) == 0 or last):
-            figures = task.write_figures(run_dir / "samples", step, batch[0])
-            if figures:
-                log.info("step %d: wrote %s", step, ", ".join(p.name for p in figures))
-        if step % cfg.train.log_every == 0 or checkpoint_now:
-            elapsed = time.perf_counter() - window_start
-            metrics = session.all_reduce_mean({k: v / window_steps for k, v in sums.items()})
-            # Summed over ranks: the bad samples skipped so far (this run, since the last start).
-            metrics["bad_samples"] = round(session.all_reduce_mean({"bad": float(loader.bad_samples.bad.value)})["bad"] * session.world_size)
-            metrics.update(step=step, lr=schedulers[next(iter(schedulers))].get_last_lr()[0],
-                           images_per_s=round(window_steps * cfg.train.global_batch_size / elapsed, 1),
-                           epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))
-            # The largest worker's memory (its loader processes apart), and wall time for throughput over any span.
-            metrics.update({k: round(v, 1) for k, v in session.all_reduce_max(memory_mb()).items()}, time=round(time.time(), 3))
-            if online_knn is not None and (step % cfg.eval.online_every == 0 or last):
-                # Rank 0 only: the other ranks wait at the next all-reduce, so the cost is wall time (online_eval_s).
-                metrics.update(online_knn(task.feature_extractor(), device))
-            if metrics_log is not None:
-                metrics_log.write(metrics)
-                eta = (total - step) * elapsed / window_steps
-                online = f"  online_knn {metrics['online_knn']:.4f}" if "online_knn" in metrics else ""
-                log.info("step %d/%d  %s%s  %.0f img/s  eta %.0fs", step, total,
-                         "  ".join(f"{k} {metrics[k]:.4f}" for k in out), online, metrics["images_per_s"], eta)
-            state = None
-            if checkpoint_now and session.rank == 0:
-                state = {
-                    "task": task.state_dict(),
-                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "schedule": schedule_span,
-                    "config": cfg.to_dict(),
-                    "manifest": encoder_input,
-                    "eval_encoder": task.eval_encoder,
-                }
-            if checkpoint_now:
-                # Every rank reports at the same steps; only rank 0 passes a checkpoint. Only at
-                # checkpoints: a Ray Train report blocks on a barrier and on the controller taking
-                # the previous result (about 1 s here), which cut 1-worker throughput to 0.57 of the
-                # bare loop when every log row was reported (bench/train_speed.py). Our own log
-                # (metrics.jsonl, console) has every row.
-                session.report(metrics, state)
-            sums, window_start, window_steps = {}, time.perf_counter(), 0
+            last = step == total
+            notice = preemption.check(step)  # "sigterm", "drain" or None
+            checkpoint_now = step % cfg.train.checkpoint_every == 0 or last or notice is not None
+            if session.rank == 0 and (step % (cfg.train.figures_every or cfg.train.checkpoint_every) == 0 or last):
+                figures = task.write_figures(run_dir / "samples", step, batch[0])
+                if figures:
+                    log.info("step %d: wrote %s", step, ", ".join(p.name for p in figures))
+            if step % cfg.train.log_every == 0 or checkpoint_now:
+                elapsed = time.perf_counter() - window_start
+                metrics = session.all_reduce_mean({k: v / window_steps for k, v in sums.items()})
+                # Summed over ranks: the bad samples skipped so far (this run, since the last start).
+                metrics["bad_samples"] = round(session.all_reduce_mean({"bad": float(loader.bad_samples.bad.value)})["bad"] * session.world_size)
+                if notice is not None:
+                    metrics["notice"] = notice  # why this step has a checkpoint off the interval
+                metrics.update(step=step, world_size=session.world_size, worker_batch=batch_size, lr=schedulers[next(iter(schedulers))].get_last_lr()[0],
+                               images_per_s=round(window_steps * cfg.train.global_batch_size / elapsed, 1),
+                               epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))
+                # The largest worker's memory (its loader processes apart), and wall time for throughput over any span.
+                metrics.update({k: round(v, 1) for k, v in session.all_reduce_max(memory_mb()).items()}, time=round(time.time(), 3))
+                if online_knn is not None and (step % cfg.eval.online_every == 0 or last):
+                    # Rank 0 only: the other ranks wait at the next all-reduce, so the cost is wall time (online_eval_s).
+                    metrics.update(online_knn(task.feature_extractor(), device))
+                if metrics_log is not None:
+                    metrics_log.write(metrics)
+                    eta = (total - step) * elapsed / window_steps
+                    online = f"  online_knn {metrics['online_knn']:.4f}" if "online_knn" in metrics else ""
+                    log.info("step %d/%d  %s%s  %.0f img/s  eta %.0fs", step, total,
+                             "  ".join(f"{k} {metrics[k]:.4f}" for k in out), online, metrics["images_per_s"], eta)
+                state = None
+                if checkpoint_now and session.rank == 0:
+                    state = {
+                        "task": task.state_dict(),
+                        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "schedule": schedule_span,
+                        "config": cfg.to_dict(),
+                        "manifest": encoder_input,
+                        "eval_encoder": task.eval_encoder,
+                    }
+                if checkpoint_now:
+                    # Every rank reports at the same steps; only rank 0 passes a checkpoint. Only at
+                    # checkpoints: a Ray Train report blocks on a barrier and on the controller taking
+                    # the previous result (about 1 s here), which cut 1-worker throughput to 0.57 of the
+                    # bare loop when every log row was reported (bench/train_speed.py). Our own log
+                    # (metrics.jsonl, console) has every row.
+                    session.report(metrics, state)
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if notice == "sigterm" and not last:
+                if metrics_log is not None:
+                    metrics_log.close()
+                raise Preempted(f"SIGTERM: stopped at step {step} of {total} after writing its checkpoint; "
+                                f"the run continues from it (Ray Train restarts it within scaling.max_failures; "
+                                f"otherwise `sslpipe pretrain --resume {run_dir}`)")
     if session.rank == 0:
         metrics_log.close()  # flushes TensorBoard, marks the MLflow run finished
         log.info("input: %s (rank 0; the metrics' bad_samples sums all ranks)", loader.bad_samples.summary())

@@ -1,0 +1,257 @@
+"""Elastic training and preemption notices (pipeline/preemption.py, scaling.num_workers=[min, max]):
+bad ranges refused before Ray, SIGTERM turned into a checkpoint at the step reached (one process and
+under Ray Train), and a run on a `ray.cluster_utils.Cluster` that shrinks when a node is removed
+and grows back when one joins, with the same global batch throughout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import Config, ConfigError
+from pipeline.metrics import plot_metrics, read_metrics, resizes
+from pipeline.preemption import Preempted
+from tests.conftest import TINY_BACKBONE, write_synthetic_shards
+from tests.test_faults import logged_steps, train_worker_pids
+from tests.test_train import tiny_config
+
+
+@pytest.mark.parametrize("workers, batch, message", [
+    ([3, 2], 32, r"\[3, 2\]: elastic training needs 1 <= min <= max"),
+    ([0, 2], 32, r"\[0, 2\]: elastic training needs 1 <= min <= max"),
+    ([1, 2, 3], 32, r"give one number, or \[min, max\]"),
+    # 32 splits over 2 and 4 workers, not 3: the nearest global batches that split over 2, 3 and 4 are named.
+    ([2, 4], 32, r"32 does not split evenly over 3 worker\(s\).*multiple of 12, e.g. 24 or 36, or narrow the range"),
+    ([2, 16], 16, r"does not split evenly over 3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15"),
+    ([2, 8], 8, r"multiple of 840"),
+    ([1, 16], 16, r"does not split evenly"),
+])
+def test_bad_worker_ranges_are_refused_naming_the_sizes(workers, batch, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load(None, [f"scaling.num_workers={json.dumps(workers)}", f"train.global_batch_size={batch}"])
+
+
+def test_an_elastic_range_that_divides_the_batch_loads():
+    cfg = Config.load(None, ["scaling.num_workers=[2, 3]", "train.global_batch_size=36"])
+    assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (2, 3)
+    assert cfg.scaling.describe() == "2-3 Ray workers (elastic)"
+    fixed = Config.load(None, ["scaling.num_workers=4"])
+    assert not fixed.scaling.elastic and fixed.scaling.min_workers == fixed.scaling.max_workers == 4
+    assert fixed.scaling.describe() == "4 Ray workers"
+    # A batch of 2 per worker at the largest size is the least batch norm accepts.
+    with pytest.raises(ConfigError, match=r"1 sample\(s\) per worker with 2 workers"):
+        Config.load(None, ["scaling.num_workers=[1, 2]", "train.global_batch_size=2"])
+    with pytest.raises(ConfigError, match=r"scaling.max_failures must be >= 0, or -1"):
+        Config.load(None, ["scaling.max_failures=-2"])
+
+
+def test_cli_takes_min_colon_max():
+    from pipeline.cli import build_parser, load_config
+
+    args, rest = build_parser().parse_known_args(["pretrain", "--config", "configs/rotation_fmnist.yaml", "--num-workers", "2:4"])
+    assert load_config(args, ["--train.global_batch_size=240"]).scaling.num_workers == [2, 4]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--num-workers", "2-4"])
+
+
+def test_embedded_ray_must_hold_the_maximum_and_a_cluster_the_minimum(monkeypatch):
+    from pipeline import launch
+
+    cpus = os.cpu_count()
+    too_many = Config.load(None, [f"scaling.num_workers=[1, {cpus + 1}]", f"train.global_batch_size={2 * 27720}"])
+    with pytest.raises(ConfigError, match=rf"= {cpus + 1} CPUs, but this machine has {cpus}"):
+        launch.check_local_resources(too_many)  # an embedded Ray never gains a node
+    too_many.scaling.address = "auto"
+    launch.check_local_resources(too_many)  # a cluster may grow: refused only by what it holds
+
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    launch.check_cluster_resources(Config.load(None, ["scaling.num_workers=[2, 8]", "train.global_batch_size=840"]))  # room for 3: starts, grows later
+    with pytest.raises(ConfigError, match=r"has 3 CPUs, but scaling asks for 4 \(4 workers at least\)"):
+        launch.check_cluster_resources(Config.load(None, ["scaling.num_workers=[4, 8]", "train.global_batch_size=840"]))
+    with pytest.raises(ConfigError, match=r"asks for 4 \(4 workers\)"):
+        launch.check_cluster_resources(Config.load(None, ["scaling.num_workers=4"]))
+
+
+def test_resizes_are_found_and_marked_on_the_curves(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s, "world_size": w} for s, w in [(10, 3), (20, 3), (30, 2), (40, 2), (50, 3)]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert resizes(rows) == [(30, 3, 2), (50, 2, 3)]
+    assert resizes([{"step": 1}, {"step": 2, "world_size": 2}]) == []  # rows from before world_size was logged
+    assert plot_metrics(tmp_path).is_file()
+
+
+def test_sigterm_in_one_process_checkpoints_the_step_reached_and_resume_finishes(shards, tmp_path, monkeypatch):
+    """`--local` runs: SIGTERM (a spot reclaim, `kill`, SLURM's preemption) arrives during step 13 of
+    60; the loop finishes that step, writes its checkpoint (the interval is 30) and stops with
+    Preempted; a resume continues from step 13 with nothing redone."""
+    import pipeline.preemption as preemption
+    from pipeline.launch import pretrain_local
+
+    from pretext.base import PretextTask
+
+    real_set_progress = PretextTask.set_progress
+
+    def set_progress(self, step, total):  # the loop calls it once per step, before the step runs
+        if step == 13 and not preemption._stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 13
+        return real_set_progress(self, step, total)
+
+    monkeypatch.setattr(PretextTask, "set_progress", set_progress)
+    previous = signal.getsignal(signal.SIGTERM)
+    cfg = tiny_config(shards, tmp_path / "run", train__steps=60, train__checkpoint_every=30, train__log_every=10)
+    try:
+        with pytest.raises(Preempted, match=r"SIGTERM: stopped at step 13 of 60 after writing its checkpoint"):
+            pretrain_local(cfg)
+        run_dir = Path(cfg.run_dir)
+        assert load_checkpoint(run_dir)["step"] == 13
+        assert logged_steps(run_dir) == [10, 13]
+        monkeypatch.setattr(PretextTask, "set_progress", real_set_progress)
+        pretrain_local(tiny_config(shards, run_dir, train__steps=60, train__checkpoint_every=30, train__log_every=10), resume=run_dir)
+        assert logged_steps(run_dir) == [10, 13, 20, 30, 40, 50, 60] and load_checkpoint(run_dir)["step"] == 60
+        # Not training any more: SIGTERM is the process's previous handler's again (here a no-op).
+        seen = []
+        signal.signal(signal.SIGTERM, lambda *a: seen.append("previous"))
+        from pipeline.preemption import install_sigterm_handler
+
+        assert install_sigterm_handler()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert seen == ["previous"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.ray
+def test_sigterm_to_a_ray_worker_checkpoints_the_step_reached_and_the_run_resumes_from_it(shards, tmp_path, ray_local):
+    """SIGTERM to one of two Ray Train workers: both stop at the next step boundary, rank 0 writes
+    that step's checkpoint, Ray Train restarts the group (scaling.max_failures=1) and it resumes
+    from that step: no step is run twice."""
+    from pipeline.launch import pretrain
+
+    total = 150
+    cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=2, scaling__max_failures=1,
+                      train__steps=total, train__checkpoint_every=100, train__log_every=10)
+    run_dir = Path(cfg.run_dir)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["run_dir"] = pretrain(cfg)
+        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and max(logged_steps(run_dir), default=0) < 30:
+        time.sleep(0.2)
+    victims = train_worker_pids()
+    assert len(victims) == 2, f"expected 2 Ray Train workers, found {victims}"
+    os.kill(victims[-1], signal.SIGTERM)
+    signalled_after = max(logged_steps(run_dir))
+    thread.join(timeout=300)
+
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    steps = logged_steps(run_dir)
+    stopped_at = next(r["step"] for r in read_metrics(run_dir) if r.get("notice") == "sigterm")
+    assert signalled_after <= stopped_at < signalled_after + 10 and stopped_at < 100  # before any interval checkpoint
+    assert steps == sorted(set(steps)) and steps[-1] == total  # resumed from it: nothing run twice
+    assert load_checkpoint(run_dir)["step"] == total
+    print(f"SIGTERM after step {signalled_after}: checkpoint of step {stopped_at}, resumed from it")
+
+
+# A 0-CPU head (like cluster.yaml's) and three 1-CPU worker nodes; the driver removes one worker
+# node mid-run and adds one back later. Its own process: a process joins one Ray cluster at a time.
+ELASTIC_JOB = textwrap.dedent("""
+    import json, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.config import Config
+    from pipeline.launch import pretrain
+    from pipeline.metrics import read_metrics
+
+    cfg = Config.from_dict(json.loads(sys.argv[1]))
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    events = []
+
+    def rows():
+        try:
+            return read_metrics(cfg.run_dir)
+        except (OSError, ValueError):
+            return []
+
+    def wait_for(size, after_step):
+        while not any(r.get("world_size") == size and r["step"] > after_step for r in rows()):
+            time.sleep(0.2)
+        return rows()[-1]["step"]
+
+    def events_driver():
+        step = wait_for(3, 20)
+        cluster.remove_node(nodes.pop())  # a spot node reclaimed without notice
+        events.append({"event": "removed a node", "after_step": step, "time": time.time()})
+        step = wait_for(2, step + 20)
+        nodes.append(cluster.add_node(num_cpus=1))  # it comes back
+        events.append({"event": "added a node", "after_step": step, "time": time.time()})
+
+    threading.Thread(target=events_driver, daemon=True).start()
+    pretrain(cfg)
+    print("EVENTS " + json.dumps(events), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path):
+    shards = write_synthetic_shards(tmp_path / "data", train=192, test=48, per_shard=16, size=16)  # 12 train shards
+    run_dir = tmp_path / "run"
+    checkpoint_every = 10
+    cfg = Config.from_dict({
+        "run_dir": str(run_dir),
+        "data": {"root": str(shards), "loader_workers": 0, "shuffle_buffer": 32},
+        "model": TINY_BACKBONE,
+        "task": {"name": "rotation"},
+        "optim": {"name": "adamw", "lr": 0.05, "warmup_steps": 5, "weight_decay": 0.0},
+        "train": {"steps": 400, "global_batch_size": 24, "log_every": 5, "checkpoint_every": checkpoint_every},
+        "scaling": {"num_workers": [2, 3], "cpus_per_worker": 1, "max_failures": -1, "resize_interval_s": 2.0},
+    })
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", ELASTIC_JOB, json.dumps(cfg.to_dict())], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVENTS "))[len("EVENTS "):])
+    rows = read_metrics(run_dir)
+    sizes = [r["world_size"] for r in rows]
+    seen = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+    assert seen == [3, 2, 3], [(r["step"], r["world_size"]) for r in rows]
+    assert rows[-1]["step"] == 400 and load_checkpoint(run_dir)["step"] == 400
+    # The global batch is fixed: 8 per worker with 3 workers, 12 with 2.
+    assert {(r["world_size"], r["worker_batch"]) for r in rows} == {(3, 8), (2, 12)}
+    # Each restart resumes from the newest checkpoint, at most one interval behind the last row
+    # logged before it. (Checkpoints fall on the logging grid: the first row after resuming from
+    # step c is c + log_every.)
+    lost = []
+    for before, after in zip(rows, rows[1:]):
+        if after["step"] <= before["step"] or after["world_size"] != before["world_size"]:
+            lost.append(before["step"] - (after["step"] - cfg.train.log_every))
+    assert len(lost) == 2 and all(0 <= n <= checkpoint_every for n in lost), lost
+    from eval.evaluate import evaluate
+
+    results = evaluate(run_dir, device="cpu")
+    assert results["step"] == 400
+    trace = [(r["step"], r["world_size"], round(r["time"] - start, 1)) for r in rows]
+    print(f"events {events}\nsteps lost at each restart {lost}\ntrace (step, world size, s) {trace}\nwall {time.time() - start:.0f} s")
