@@ -83,7 +83,7 @@ def step_seconds(cfg: Config, repeats: int = 5) -> float:
         transform = task.sample_transform()
         size = decoder.image_size
         batch = collate([transform({"image": torch.randn(manifest["channels"], size, size), "label": 0, "key": "k"})
-                         for _ in range(cfg.train.global_batch_size // cfg.scaling.num_workers)])
+                         for _ in range(cfg.train.global_batch_size // cfg.scaling.max_workers)])
         optimizers = task.make_optimizers(cfg.optim, cfg.optim.lr)
         autocast, scaler = autocast_factory(torch.device("cpu"), enabled=False)
         task.train_step(batch, optimizers, scaler, autocast)  # warm-up

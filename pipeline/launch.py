@@ -29,6 +29,10 @@ def prepare_run_dir(cfg: Config) -> Path:
 def check_local_resources(cfg: Config) -> None:
     """Ray waits forever for resources that never come: refuse impossible requests up front."""
     s = cfg.scaling
+    import ray
+
+    if ray.is_initialized():
+        return  # this process joined a cluster already: check_cluster_resources judges it
     # An embedded Ray never gains a node, so even an elastic run's maximum must fit this machine.
     if s.use_gpu:
         import torch

@@ -87,7 +87,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     # Every metric any row has (online_knn appears only on the rows it was computed for).
-    names = [k for k in dict.fromkeys(k for m in metrics for k in m) if k not in ("step", "epoch", "time", "online_eval_s", "world_size", "worker_batch")]
+    names = [k for k in dict.fromkeys(k for m in metrics for k in m) if k not in ("step", "epoch", "time", "online_eval_s", "world_size", "worker_batch", "resumed_from")]
     changes = resizes(metrics)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):

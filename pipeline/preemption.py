@@ -7,9 +7,11 @@ Two notices reach a training loop, and `PreemptionMonitor.check` is asked after 
   group then restarts from that checkpoint (smaller, for an elastic run, if the node is gone),
   within `scaling.max_failures`; with `--local` the command stops and `--resume` continues.
 - **A drained Ray node** (Ray Train's `ray.train.get_preemption_info()`, set when an autoscaler or
-  cloud integration drains a node with a deadline): the loop writes one checkpoint and keeps
-  training, as Ray Train's guide recommends; Ray Train restarts the group without that node when
-  it goes, counted against `FailureConfig.max_preemption_failures` (unlimited), not max_failures.
+  cloud integration drains a node with a deadline): the loop keeps training, as Ray Train's guide
+  recommends, but writes a checkpoint at every poll (`train.preemption_poll_every` steps) until
+  the node is gone. One checkpoint at the notice alone would lose all the work of the notice
+  window (two minutes on AWS spot). Ray Train then restarts the group without that node, counted
+  against `FailureConfig.max_preemption_failures` (unlimited), not max_failures.
 
 Python lets only a process's main thread install signal handlers, and Ray Train runs the training
 function in a thread of its own. Ray loads (unpickles) that function on the worker actor's main
@@ -74,23 +76,25 @@ class training:
 
 class PreemptionMonitor:
     """Asked after every step; returns "sigterm" (checkpoint, then raise Preempted), "drain"
-    (checkpoint once, keep training) or None. Every rank calls it at every step: the agreement
-    is a collective."""
+    (checkpoint, keep training) or None. Every rank calls it at every step: the agreement is a
+    collective."""
 
     def __init__(self, session, poll_every: int):
         self.session = session
         self.poll_every = poll_every
-        self.drain_saved = False
+        self.draining = False
 
     def check(self, step: int) -> str | None:
         if self.session.all_reduce_max({"sigterm": float(_stop.is_set())})["sigterm"]:
             return "sigterm"
-        if self.poll_every and step % self.poll_every == 0 and not self.drain_saved:
+        if self.poll_every and step % self.poll_every == 0:
             info = self.session.preemption_info()
             if info is not None:
-                self.drain_saved = True
-                log.info("step %d: Ray is draining node(s) %s (ranks %s, deadline %s ms): checkpoint now", step,
-                         getattr(info, "preempted_node_ids", "?"), getattr(info, "preempted_ranks", "?"), getattr(info, "deadline_ms", None))
+                if not self.draining:
+                    log.info("step %d: Ray is draining node(s) %s (ranks %s, deadline %s ms): a checkpoint every %d steps "
+                             "until they go", step, getattr(info, "preempted_node_ids", "?"), getattr(info, "preempted_ranks", "?"),
+                             getattr(info, "deadline_ms", None), self.poll_every)
+                self.draining = True
                 return "drain"
         return None
 

@@ -207,6 +207,7 @@ def train_worker(cfg: Config, session) -> dict:
         log.info("%d worker%s, %d samples each per step (global batch %d)", session.world_size, "s" if session.world_size > 1 else "",
                  batch_size, cfg.train.global_batch_size)
     preemption = PreemptionMonitor(session, cfg.train.preemption_poll_every)
+    resumed = state is not None
     batches = iter(loader)
     task.train()
     metrics: dict = {}
@@ -239,6 +240,8 @@ def train_worker(cfg: Config, session) -> dict:
                 metrics["bad_samples"] = round(session.all_reduce_mean({"bad": float(loader.bad_samples.bad.value)})["bad"] * session.world_size)
                 if notice is not None:
                     metrics["notice"] = notice  # why this step has a checkpoint off the interval
+                if resumed and step - window_steps == start:
+                    metrics["resumed_from"] = start  # the first row after a (re)start from a checkpoint
                 metrics.update(step=step, world_size=session.world_size, worker_batch=batch_size, lr=schedulers[next(iter(schedulers))].get_last_lr()[0],
                                images_per_s=round(window_steps * cfg.train.global_batch_size / elapsed, 1),
                                epoch=round(step * cfg.train.global_batch_size / manifest["splits"][cfg.data.train_split]["count"], 3))

@@ -61,10 +61,14 @@ def test_unknown_backbone_suggests_names():
         check_backbone(ModelConfig(backbone="resnet181"))
 
 
-def test_more_workers_than_cpus_fails_before_ray_starts():
+def test_more_workers_than_cpus_fails_before_ray_starts(monkeypatch):
     import os
 
+    import ray
+
     from pipeline.launch import check_local_resources
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `sslpipe pretrain` (the suite's Ray may run)
 
     cfg = Config.load(None, [f"scaling.num_workers={os.cpu_count() + 1}", f"train.global_batch_size={(os.cpu_count() + 1) * 8}"])
     with pytest.raises(ConfigError, match="scaling.num_workers"):

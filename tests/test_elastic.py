@@ -64,17 +64,17 @@ def test_cli_takes_min_colon_max():
 
 
 def test_embedded_ray_must_hold_the_maximum_and_a_cluster_the_minimum(monkeypatch):
+    import ray
+
     from pipeline import launch
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `sslpipe pretrain` (the suite's Ray may run)
     cpus = os.cpu_count()
     too_many = Config.load(None, [f"scaling.num_workers=[1, {cpus + 1}]", f"train.global_batch_size={2 * 27720}"])
     with pytest.raises(ConfigError, match=rf"= {cpus + 1} CPUs, but this machine has {cpus}"):
         launch.check_local_resources(too_many)  # an embedded Ray never gains a node
     too_many.scaling.address = "auto"
     launch.check_local_resources(too_many)  # a cluster may grow: refused only by what it holds
-
-    import ray
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
     launch.check_cluster_resources(Config.load(None, ["scaling.num_workers=[2, 8]", "train.global_batch_size=840"]))  # room for 3: starts, grows later
     with pytest.raises(ConfigError, match=r"has 3 CPUs, but scaling asks for 4 \(4 workers at least\)"):
@@ -174,7 +174,10 @@ def test_sigterm_to_a_ray_worker_checkpoints_the_step_reached_and_the_run_resume
 # A 0-CPU head (like cluster.yaml's) and three 1-CPU worker nodes; the driver removes one worker
 # node mid-run and adds one back later. Its own process: a process joins one Ray cluster at a time.
 ELASTIC_JOB = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, os, sys, threading, time
+    # Right after a node is lost, Ray Train may try the old size once more and wait this long for
+    # it before starting smaller (60 s by default); the raylets and the controller inherit it.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import Config
@@ -185,7 +188,13 @@ ELASTIC_JOB = textwrap.dedent("""
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
-    events = []
+    outcome = {}
+
+    def run():
+        try:
+            pretrain(cfg)
+        except BaseException as err:
+            outcome["error"] = repr(err)
 
     def rows():
         try:
@@ -194,24 +203,27 @@ ELASTIC_JOB = textwrap.dedent("""
             return []
 
     def wait_for(size, after_step):
-        while not any(r.get("world_size") == size and r["step"] > after_step for r in rows()):
+        while training.is_alive() and not any(r.get("world_size") == size and r["step"] > after_step for r in rows()):
             time.sleep(0.2)
-        return rows()[-1]["step"]
+        return rows()[-1]["step"] if rows() else 0
 
-    def events_driver():
-        step = wait_for(3, 20)
-        cluster.remove_node(nodes.pop())  # a spot node reclaimed without notice
-        events.append({"event": "removed a node", "after_step": step, "time": time.time()})
-        step = wait_for(2, step + 20)
-        nodes.append(cluster.add_node(num_cpus=1))  # it comes back
-        events.append({"event": "added a node", "after_step": step, "time": time.time()})
-
-    threading.Thread(target=events_driver, daemon=True).start()
-    pretrain(cfg)
+    # Training in a thread, the cluster changes here: Cluster.add_node needs the main thread.
+    training = threading.Thread(target=run)
+    training.start()
+    events = []
+    step = wait_for(3, 20)
+    cluster.remove_node(nodes.pop())  # a spot node reclaimed without notice
+    events.append({"event": "removed a node", "after_step": step, "time": time.time()})
+    step = wait_for(2, step + 20)
+    nodes.append(cluster.add_node(num_cpus=1))  # it comes back
+    events.append({"event": "added a node", "after_step": step, "time": time.time()})
+    training.join()
     print("EVENTS " + json.dumps(events), flush=True)
+    print("OUTCOME " + json.dumps(outcome), flush=True)
     ray.shutdown()
     cluster.shutdown()
 """)
+
 
 
 @pytest.mark.ray
@@ -226,7 +238,7 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path
         "model": TINY_BACKBONE,
         "task": {"name": "rotation"},
         "optim": {"name": "adamw", "lr": 0.05, "warmup_steps": 5, "weight_decay": 0.0},
-        "train": {"steps": 400, "global_batch_size": 24, "log_every": 5, "checkpoint_every": checkpoint_every},
+        "train": {"steps": 500, "global_batch_size": 24, "log_every": 5, "checkpoint_every": checkpoint_every},
         "scaling": {"num_workers": [2, 3], "cpus_per_worker": 1, "max_failures": -1, "resize_interval_s": 2.0},
     })
     start = time.time()
@@ -234,11 +246,12 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     events = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVENTS "))[len("EVENTS "):])
+    assert "error" not in json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OUTCOME "))[len("OUTCOME "):])
     rows = read_metrics(run_dir)
     sizes = [r["world_size"] for r in rows]
     seen = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
     assert seen == [3, 2, 3], [(r["step"], r["world_size"]) for r in rows]
-    assert rows[-1]["step"] == 400 and load_checkpoint(run_dir)["step"] == 400
+    assert rows[-1]["step"] == 500 and load_checkpoint(run_dir)["step"] == 500
     # The global batch is fixed: 8 per worker with 3 workers, 12 with 2.
     assert {(r["world_size"], r["worker_batch"]) for r in rows} == {(3, 8), (2, 12)}
     # Each restart resumes from the newest checkpoint, at most one interval behind the last row
@@ -252,6 +265,100 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path
     from eval.evaluate import evaluate
 
     results = evaluate(run_dir, device="cpu")
-    assert results["step"] == 400
+    assert results["step"] == 500
     trace = [(r["step"], r["world_size"], round(r["time"] - start, 1)) for r in rows]
     print(f"events {events}\nsteps lost at each restart {lost}\ntrace (step, world size, s) {trace}\nwall {time.time() - start:.0f} s")
+
+
+# Two 1-CPU worker nodes; once training passes step 20 the driver drains the node of rank 1 as a
+# cloud integration does for a spot reclaim (reason PREEMPTION, a deadline), then removes it when
+# the deadline has passed.
+DRAIN_JOB = textwrap.dedent("""
+    import json, os, sys, threading, time
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
+    from pipeline.config import Config
+    from pipeline.launch import pretrain
+    from pipeline.metrics import read_metrics
+
+    cfg = Config.from_dict(json.loads(sys.argv[1]))
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    outcome = {}
+
+    def run():
+        try:
+            pretrain(cfg)
+        except BaseException as err:
+            outcome["error"] = repr(err)
+
+    def last_step():
+        try:
+            return max((r["step"] for r in read_metrics(cfg.run_dir)), default=0)
+        except (OSError, ValueError):
+            return 0
+
+    training = threading.Thread(target=run)
+    training.start()
+    while training.is_alive() and last_step() <= 20:
+        time.sleep(0.2)
+    rank1_node = json.load(open(os.path.join(cfg.run_dir, "workers", "rank_1.json")))["node"]
+    victim = next(n for n in nodes if n.node_id == rank1_node)
+    deadline_s = 8
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(rank1_node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot reclaim (test)", int(time.time() * 1000) + deadline_s * 1000)
+    events = [{"event": "drain", "after_step": last_step(), "accepted": accepted, "why": why}]
+    time.sleep(deadline_s)
+    cluster.remove_node(victim)
+    events.append({"event": "removed the drained node", "after_step": last_step()})
+    time.sleep(5)
+    cluster.add_node(num_cpus=1)  # a replacement node
+    training.join()
+    print("EVENTS " + json.dumps(events), flush=True)
+    print("OUTCOME " + json.dumps(outcome), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_drained_node_gets_a_checkpoint_before_it_goes(tmp_path):
+    """Ray's preemption notice (a drained node with a deadline): a checkpoint within
+    train.preemption_poll_every steps and one at every poll after it while training goes on; when
+    the node is gone the run resumes from the last of them, not from an interval checkpoint."""
+    shards = write_synthetic_shards(tmp_path / "data", train=128, test=48, per_shard=16, size=16)
+    run_dir = tmp_path / "run"
+    cfg = Config.from_dict({
+        "run_dir": str(run_dir),
+        "data": {"root": str(shards), "loader_workers": 0, "shuffle_buffer": 32},
+        "model": TINY_BACKBONE,
+        "task": {"name": "rotation"},
+        "optim": {"name": "adamw", "lr": 0.05, "warmup_steps": 5, "weight_decay": 0.0},
+        "train": {"steps": 300, "global_batch_size": 16, "log_every": 5, "checkpoint_every": 1000, "preemption_poll_every": 5},
+        "scaling": {"num_workers": [1, 2], "cpus_per_worker": 1, "max_failures": 0, "resize_interval_s": 2.0},
+    })
+    done = subprocess.run([sys.executable, "-c", DRAIN_JOB, json.dumps(cfg.to_dict())], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVENTS "))[len("EVENTS "):])
+    assert "error" not in json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    assert events[0]["accepted"], events
+    rows = read_metrics(run_dir)
+    notices = [r["step"] for r in rows if r.get("notice") == "drain"]
+    assert notices and events[0]["after_step"] <= notices[0] <= events[0]["after_step"] + 10, (notices, events)
+    # The only checkpoints before the end are the notices' (the interval is 1000): the run resumed
+    # from the newest, losing at most one poll interval.
+    i, restart = next((i, r) for i, r in enumerate(rows) if "resumed_from" in r)
+    resumed_from = restart["resumed_from"]
+    assert resumed_from in notices and restart["step"] == resumed_from + cfg.train.log_every, (notices, restart)
+    lost = rows[i - 1]["step"] - resumed_from
+    assert 0 <= lost <= cfg.train.preemption_poll_every, (notices, rows[i - 1], restart)
+    assert rows[-1]["step"] == 300 and load_checkpoint(run_dir)["step"] == 300
+    print(f"events {events}\ndrain checkpoints at steps {notices}; restarted from step {resumed_from} with {restart['world_size']} "
+          f"worker(s); {lost} logged step(s) lost")
