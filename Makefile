@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sslpipe-installed
 
-.PHONY: setup demo test test-all bench-quality clean-runs
+.PHONY: setup demo test test-elastic test-all bench-quality clean-runs
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# The elastic-training runs on a multi-node ray.cluster_utils.Cluster (2-4 min each; CI runs them
+# after `make test`).
+test-elastic: setup
+	$(BIN)/python -m pytest -q -m slow tests/test_elastic.py
 
 test-all: setup
 	$(BIN)/python -m pytest -q
