@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sslpipe-installed
 
-.PHONY: setup demo test test-elastic test-all bench-quality clean-runs
+.PHONY: setup demo test test-cluster test-all bench-quality clean-runs
 
 setup: $(STAMP)
 
@@ -28,10 +28,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
 
-# The elastic-training runs on a multi-node ray.cluster_utils.Cluster (2-4 min each; CI runs them
-# after `make test`).
-test-elastic: setup
-	$(BIN)/python -m pytest -q -m slow tests/test_elastic.py
+# The cluster runs marked slow: elastic training on a multi-node ray.cluster_utils.Cluster and a run
+# on S3 (moto), 2-4 min each; CI runs them after `make test`.
+test-cluster: setup
+	$(BIN)/python -m pytest -q -m slow tests/test_elastic.py tests/test_run_storage.py
 
 test-all: setup
 	$(BIN)/python -m pytest -q

@@ -25,6 +25,7 @@ from pipeline.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
 from pipeline.config import Config, reset_security_switches
 from pipeline.data import BadSamples, ImageDecoder, check_urls
+from pipeline.run_storage import local_run_dir, push
 from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
 from pipeline.tracking import log_eval
@@ -209,7 +210,8 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         rows.update(audio_visual.pop("rows"))
         results["audio_visual"] = audio_visual
         results["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    # A run on object storage: eval/ in its local mirror, uploaded below (pipeline/run_storage.py).
+    out = Path(out_dir) if out_dir else local_run_dir(cfg.run_dir) / "eval"
     if task is not None and task.likelihood_kind is not None:
         results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),
                                                     cfg.eval.batch_size, device, manifest["splits"][cfg.data.test_split]["count"],
@@ -226,5 +228,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         plot_per_layer(per_layer, rows.get("raw_pixels"), out / "per_layer.png", cfg.eval.knn_k[0])
     write_results(results, out)
     log_eval(cfg, results, out)  # into the run's MLflow run, when tracking.mlflow_uri is set
+    if not out_dir:
+        push(cfg.run_dir, ["eval"])  # a URL run: the results beside its checkpoints
     log.info("wrote %s", out / "results.md")
     return results

@@ -47,7 +47,12 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """A run directory's config.yaml, metrics.jsonl and eval/results.json; errors name the file."""
+    """A run directory's config.yaml, metrics.jsonl and eval/results.json (a URL run's: fetched into
+    its local mirror); errors name the file."""
+    if "://" in str(path):
+        from pipeline.run_storage import fetch_run
+
+        path = fetch_run(str(path))
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"RUN_DIR {path}: no such directory")

@@ -66,8 +66,13 @@ def checkpoint_step(directory: Path) -> int:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """Checkpoint files for a checkpoint file, a checkpoint directory or a run directory, newest
-    (highest step, then latest written) first."""
+    """Checkpoint files for a checkpoint file, a checkpoint directory or a run directory (local,
+    or a URL: pipeline/run_storage.py), newest (highest step, then latest written) first."""
+    if "://" in str(path):  # a run or checkpoint on object storage: downloaded into its local mirror
+        from pipeline.run_storage import download_checkpoints
+
+        files = [d / CHECKPOINT_FILE for d in download_checkpoints(str(path))]
+        return [f for f in files if f.is_file()] or files[:1]
     path = Path(path)
     if path.is_file():
         return [path]

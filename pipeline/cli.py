@@ -176,13 +176,15 @@ def add_scaling_flags(parser: argparse.ArgumentParser) -> None:
 def load_config(args, overrides: list[str]) -> Config:
     path = args.config
     if getattr(args, "resume", None) and not path:
-        path = Path(args.resume) / "config.yaml"
+        from pipeline.run_storage import fetch_run
+
+        path = fetch_run(args.resume) / "config.yaml"  # a URL run's: fetched into its local mirror
     flags = []
     # A run directory's config.yaml may come from someone else: its security switches are reset
     # before this command line's overrides and flags apply.
     trusted = [] if args.config else untrusted_overrides()
     if getattr(args, "resume", None):
-        flags.append(f"run_dir={Path(args.resume).resolve()}")
+        flags.append(f"run_dir={args.resume if '://' in args.resume else Path(args.resume).resolve()}")
     if args.address:
         flags.append(f"scaling.address={args.address}")
     if args.num_workers is not None:

@@ -10,19 +10,24 @@ from pipeline.checkpoint import load_valid_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.examples import write_run_examples
 from pipeline.metrics import plot_metrics
+from pipeline.run_storage import fetch_run, local_run_dir, pull, push, ray_storage, source_url
+from pipeline.storage import display_url, is_url
 
 log = logging.getLogger("sslpipe.launch")
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Fixes cfg.run_dir (absolute, so Ray workers on any node agree) and writes the resolved config."""
+    """Fixes cfg.run_dir (absolute, so Ray workers on any node agree, or a URL: pipeline/run_storage.py)
+    and writes the resolved config; returns the local folder this process writes the run's files in."""
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run_dir).resolve()
-    cfg.run_dir = str(run_dir)
+    if not is_url(cfg.run_dir):
+        cfg.run_dir = str(Path(cfg.run_dir).resolve())
     cfg.data.root = str(Path(cfg.data.root).resolve()) if "://" not in cfg.data.root else cfg.data.root
+    run_dir = local_run_dir(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    push(cfg.run_dir, ["config.yaml"])
     return run_dir
 
 
@@ -117,10 +122,15 @@ def start_run(cfg: Config, resume: str | Path | None) -> Path:
     draws <run_dir>/examples.png."""
     if resume:
         # The newest readable checkpoint: a corrupted newest one is named and the previous one used.
-        cfg.train.resume_from = str(load_valid_checkpoint(resume)[0].resolve())
+        # One on object storage is passed on by its URL, which workers on any node can read.
+        file = load_valid_checkpoint(resume)[0]
+        cfg.train.resume_from = source_url(file.parent) or str(file.resolve())
+        if is_url(cfg.run_dir):
+            fetch_run(cfg.run_dir)  # the run's examples and metrics so far, into this machine's mirror
     run_dir = prepare_run_dir(cfg)
-    log.info("run directory: %s", run_dir)
+    log.info("run directory: %s%s", display_url(cfg.run_dir), f" (local mirror {run_dir})" if is_url(cfg.run_dir) else "")
     write_run_examples(cfg, run_dir, check_data(cfg))
+    push(cfg.run_dir, ["examples.png"])
     return run_dir
 
 
@@ -130,6 +140,9 @@ def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     from pipeline.session import LocalSession
     from pipeline.train import train_worker
 
+    if is_url(cfg.run_dir):
+        raise ConfigError(f"run_dir={display_url(cfg.run_dir)}: `--local` runs write checkpoints to a local folder; give a local "
+                          f"run_dir (object storage is for Ray runs, whose checkpoints Ray Train uploads)")
     run_dir = start_run(cfg, resume)
     install_sigterm_handler()  # SIGTERM: a checkpoint at the next step, then Preempted (when called from the main thread)
     train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints))
@@ -137,8 +150,9 @@ def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     return run_dir
 
 
-def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
-    """Runs pretraining under Ray Train and returns the run directory.
+def pretrain(cfg: Config, resume: str | Path | None = None) -> Path | str:
+    """Runs pretraining under Ray Train and returns the run directory (its URL for a run on
+    object storage).
 
     `resume` (a run directory or checkpoint) continues from its latest checkpoint: model,
     optimizers, schedulers, scaler and step.
@@ -153,6 +167,8 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
     init_ray(cfg)
     check_cluster_resources(cfg)
     s = cfg.scaling
+    # Ray's folder (checkpoint_* directories) lives inside our run directory, on a URL uploaded by Ray.
+    storage_path, storage_filesystem = ray_storage(cfg.run_dir) if is_url(cfg.run_dir) else (str(run_dir), None)
     trainer = TorchTrainer(
         RayTrainLoop(),  # pipeline.train.train_loop_per_worker, with a SIGTERM handler in each worker
         train_loop_config=cfg.to_dict(),
@@ -162,10 +178,11 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
             **({"elastic_resize_monitor_interval_s": s.resize_interval_s} if s.elastic else {}),
         ),
         run_config=ray.train.RunConfig(
-            # Ray's folder (checkpoint_* directories) lives inside our run directory. A new name per
-            # launch: reusing one makes Ray silently restore that earlier attempt; resuming is explicit.
+            # A new name per launch: reusing one makes Ray silently restore that earlier attempt;
+            # resuming is explicit.
             name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(run_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
         ),
@@ -175,5 +192,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path:
     log.info("pretraining finished in %.0f s; checkpoint %s", time.perf_counter() - start, result.checkpoint.path if result.checkpoint else None)
     if result.error:
         raise result.error
+    pull(cfg.run_dir, ["metrics.jsonl"])  # rank 0 may have run on another node
     plot_metrics(run_dir)
-    return run_dir
+    push(cfg.run_dir, ["training_curves.png"])
+    return cfg.run_dir if is_url(cfg.run_dir) else run_dir

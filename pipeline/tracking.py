@@ -34,7 +34,9 @@ class Tracker:
 def open_trackers(cfg: Config, start_step: int = 0) -> list[Tracker]:
     """The trackers `cfg.tracking` asks for (rank 0 only). `start_step` is the step training
     resumes after: rows a crashed attempt logged beyond it are hidden in TensorBoard."""
-    run_dir = Path(cfg.run_dir)
+    from pipeline.run_storage import local_run_dir
+
+    run_dir = local_run_dir(cfg.run_dir)
     trackers: list[Tracker] = []
     if cfg.tracking.tensorboard:
         trackers.append(TensorBoardTracker(run_dir / "tensorboard", purge_step=start_step + 1))
@@ -99,7 +101,9 @@ class MLflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
-        self.run_dir = Path(cfg.run_dir)
+        from pipeline.run_storage import local_run_dir
+
+        self.run_dir = local_run_dir(cfg.run_dir)
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = self._existing_run(uri)
         if self.run_id is not None:

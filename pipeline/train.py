@@ -20,6 +20,7 @@ from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog, memory_mb
 from pipeline.online_eval import OnlineKNN
 from pipeline.preemption import Preempted, PreemptionMonitor, training
+from pipeline.run_storage import local_run_dir, pull, push
 from pipeline.schedules import warmup_cosine
 from pipeline.shards import read_manifest, split_urls
 from pipeline.sync_batchnorm import convert_sync_batchnorm
@@ -28,6 +29,8 @@ from pretext import create_task, task_class
 from pretext.base import ImageOnly
 
 log = logging.getLogger("sslpipe.train")
+
+RUN_LOGS = ["metrics.jsonl", "metrics.csv", "samples", "tensorboard", "mlflow_run.json"]  # what rank 0 uploads at checkpoints (URL runs)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -129,7 +132,7 @@ def span_schedule(curve, span: dict):
 
 def train_worker(cfg: Config, session) -> dict:
     """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = local_run_dir(cfg.run_dir)  # a URL run's local mirror (pipeline/run_storage.py)
     # Python's random drives some tasks' transforms (rotation, jigsaw, context): loader worker
     # processes get it seeded by torch's DataLoader; with data.loader_workers=0 they run here.
     torch.manual_seed(cfg.train.seed + session.rank)
@@ -198,6 +201,9 @@ def train_worker(cfg: Config, session) -> dict:
         bad_samples=BadSamples.for_config(cfg.data), frames_per_sample=getattr(task, "frames_per_sample", 0),
     )
     write_worker_record(run_dir, session, loader.rank_shards)
+    push(cfg.run_dir, [f"workers/rank_{session.rank}.json"])
+    if session.rank == 0:
+        pull(cfg.run_dir, ["metrics.jsonl", "metrics.csv"])  # a restart on another node continues the run's log
     metrics_log = MetricsLog(run_dir, open_trackers(cfg, start)) if session.rank == 0 else None
     # How eval must decode for this backbone (the task may feed it other channels than the data's).
     encoder_input = task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
@@ -276,6 +282,8 @@ def train_worker(cfg: Config, session) -> dict:
                     # bare loop when every log row was reported (bench/train_speed.py). Our own log
                     # (metrics.jsonl, console) has every row.
                     session.report(metrics, state)
+                    if session.rank == 0:
+                        push(cfg.run_dir, RUN_LOGS)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             if notice == "sigterm" and not last:
                 if metrics_log is not None:
@@ -285,5 +293,6 @@ def train_worker(cfg: Config, session) -> dict:
                                 f"otherwise `sslpipe pretrain --resume {run_dir}`)")
     if session.rank == 0:
         metrics_log.close()  # flushes TensorBoard, marks the MLflow run finished
+        push(cfg.run_dir, RUN_LOGS)
         log.info("input: %s (rank 0; the metrics' bad_samples sums all ranks)", loader.bad_samples.summary())
     return metrics
