@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.metrics import plot_metrics, read_metrics, resizes
 from pipeline.preemption import Preempted
 from tests.conftest import TINY_BACKBONE, write_synthetic_shards
-from tests.test_faults import logged_steps, train_worker_pids
+from tests.test_faults import logged_steps, pretrain_in_thread, train_worker_pids
 from tests.test_train import tiny_config
 
 
@@ -137,25 +136,11 @@ def test_sigterm_to_a_ray_worker_checkpoints_the_step_reached_and_the_run_resume
     """SIGTERM to one of two Ray Train workers: both stop at the next step boundary, rank 0 writes
     that step's checkpoint, Ray Train restarts the group (scaling.max_failures=1) and it resumes
     from that step: no step is run twice."""
-    from pipeline.launch import pretrain
-
     total = 150
     cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=2, scaling__max_failures=1,
                       train__steps=total, train__checkpoint_every=100, train__log_every=10)
     run_dir = Path(cfg.run_dir)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["run_dir"] = pretrain(cfg)
-        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 180
-    while time.time() < deadline and max(logged_steps(run_dir), default=0) < 30:
-        time.sleep(0.2)
+    thread, outcome = pretrain_in_thread(cfg, until_step=30)
     victims = train_worker_pids()
     assert len(victims) == 2, f"expected 2 Ray Train workers, found {victims}"
     os.kill(victims[-1], signal.SIGTERM)
@@ -171,59 +156,79 @@ def test_sigterm_to_a_ray_worker_checkpoints_the_step_reached_and_the_run_resume
     print(f"SIGTERM after step {signalled_after}: checkpoint of step {stopped_at}, resumed from it")
 
 
-# A 0-CPU head (like cluster.yaml's) and three 1-CPU worker nodes; the driver removes one worker
-# node mid-run and adds one back later. Its own process: a process joins one Ray cluster at a time.
-ELASTIC_JOB = textwrap.dedent("""
-    import json, os, sys, threading, time
-    # Right after a node is lost, Ray Train may try the old size once more and wait this long for
-    # it before starting smaller (60 s by default); the raylets and the controller inherit it.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
-    import ray
-    from ray.cluster_utils import Cluster
-    from pipeline.config import Config
-    from pipeline.launch import pretrain
-    from pipeline.metrics import read_metrics
+# What both cluster jobs start with: a 0-CPU head (like cluster.yaml's), worker nodes of 1 CPU (their
+# count in argv[2]), training in a thread (Cluster.add_node needs the main thread), and a reader of
+# the run's metrics. Right after a node is lost, Ray Train may try the old size once more and wait
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for it (60 s by default) before starting smaller; the
+# raylets and the controller inherit it. Each job runs in its own process: a process joins one Ray
+# cluster at a time.
+CLUSTER_PRELUDE = """
+import json, os, sys, threading, time
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.config import Config
+from pipeline.launch import pretrain
+from pipeline.metrics import read_metrics
 
-    cfg = Config.from_dict(json.loads(sys.argv[1]))
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
-    cluster.wait_for_nodes()
-    outcome = {}
+cfg = Config.from_dict(json.loads(sys.argv[1]))
+cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(int(sys.argv[2]))]
+cluster.wait_for_nodes()
+outcome, events = {}, []
 
-    def run():
-        try:
-            pretrain(cfg)
-        except BaseException as err:
-            outcome["error"] = repr(err)
+def run():
+    try:
+        pretrain(cfg)
+    except BaseException as err:
+        outcome["error"] = repr(err)
 
-    def rows():
-        try:
-            return read_metrics(cfg.run_dir)
-        except (OSError, ValueError):
-            return []
+def rows():
+    try:
+        return read_metrics(cfg.run_dir)
+    except (OSError, ValueError):
+        return []
 
-    def wait_for(size, after_step):
-        while training.is_alive() and not any(r.get("world_size") == size and r["step"] > after_step for r in rows()):
-            time.sleep(0.2)
-        return rows()[-1]["step"] if rows() else 0
+training = threading.Thread(target=run)
+training.start()
+"""
 
-    # Training in a thread, the cluster changes here: Cluster.add_node needs the main thread.
-    training = threading.Thread(target=run)
-    training.start()
-    events = []
-    step = wait_for(3, 20)
-    cluster.remove_node(nodes.pop())  # a spot node reclaimed without notice
-    events.append({"event": "removed a node", "after_step": step, "time": time.time()})
-    step = wait_for(2, step + 20)
-    nodes.append(cluster.add_node(num_cpus=1))  # it comes back
-    events.append({"event": "added a node", "after_step": step, "time": time.time()})
-    training.join()
-    print("EVENTS " + json.dumps(events), flush=True)
-    print("OUTCOME " + json.dumps(outcome), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
-""")
+CLUSTER_END = """
+training.join()
+print("EVENTS " + json.dumps(events), flush=True)
+print("OUTCOME " + json.dumps(outcome), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
 
+
+def run_cluster_job(events_script: str, cfg: Config, nodes: int) -> list[dict]:
+    """Runs the prelude, `events_script` and the end in a fresh process; returns the events it
+    recorded, after checking that the process and the training in it succeeded."""
+    job = CLUSTER_PRELUDE + textwrap.dedent(events_script) + CLUSTER_END
+    done = subprocess.run([sys.executable, "-c", job, json.dumps(cfg.to_dict()), str(nodes)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert json.loads(next(line for line in lines if line.startswith("OUTCOME "))[len("OUTCOME "):]) == {}, done.stderr[-3000:]
+    return json.loads(next(line for line in lines if line.startswith("EVENTS "))[len("EVENTS "):])
+
+
+# The driver removes one of three worker nodes mid-run and adds one back later.
+ELASTIC_EVENTS = """
+def wait_for(size, after_step):
+    while training.is_alive() and not any(r.get("world_size") == size and r["step"] > after_step for r in rows()):
+        time.sleep(0.2)
+    return rows()[-1]["step"] if rows() else 0
+
+step = wait_for(3, 20)
+cluster.remove_node(nodes.pop())  # a spot node reclaimed without notice
+events.append({"event": "removed a node", "after_step": step, "time": time.time()})
+step = wait_for(2, step + 20)
+nodes.append(cluster.add_node(num_cpus=1))  # it comes back
+events.append({"event": "added a node", "after_step": step, "time": time.time()})
+"""
 
 
 @pytest.mark.ray
@@ -242,11 +247,7 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path
         "scaling": {"num_workers": [2, 3], "cpus_per_worker": 1, "max_failures": -1, "resize_interval_s": 2.0},
     })
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", ELASTIC_JOB, json.dumps(cfg.to_dict())], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    events = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVENTS "))[len("EVENTS "):])
-    assert "error" not in json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    events = run_cluster_job(ELASTIC_EVENTS, cfg, nodes=3)
     rows = read_metrics(run_dir)
     sizes = [r["world_size"] for r in rows]
     seen = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
@@ -270,60 +271,30 @@ def test_elastic_run_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path
     print(f"events {events}\nsteps lost at each restart {lost}\ntrace (step, world size, s) {trace}\nwall {time.time() - start:.0f} s")
 
 
-# Two 1-CPU worker nodes; once training passes step 20 the driver drains the node of rank 1 as a
-# cloud integration does for a spot reclaim (reason PREEMPTION, a deadline), then removes it when
-# the deadline has passed.
-DRAIN_JOB = textwrap.dedent("""
-    import json, os, sys, threading, time
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
-    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
-    import ray
-    from ray.cluster_utils import Cluster
-    from ray.core.generated import autoscaler_pb2
-    from pipeline.config import Config
-    from pipeline.launch import pretrain
-    from pipeline.metrics import read_metrics
+# Two worker nodes; once training passes step 20 the driver drains the node of rank 1 as a cloud
+# integration does for a spot reclaim (reason PREEMPTION, a deadline), removes it when the deadline
+# has passed, and adds a replacement.
+DRAIN_EVENTS = """
+from ray.core.generated import autoscaler_pb2
 
-    cfg = Config.from_dict(json.loads(sys.argv[1]))
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    outcome = {}
+def last_step():
+    return max((r["step"] for r in rows()), default=0)
 
-    def run():
-        try:
-            pretrain(cfg)
-        except BaseException as err:
-            outcome["error"] = repr(err)
-
-    def last_step():
-        try:
-            return max((r["step"] for r in read_metrics(cfg.run_dir)), default=0)
-        except (OSError, ValueError):
-            return 0
-
-    training = threading.Thread(target=run)
-    training.start()
-    while training.is_alive() and last_step() <= 20:
-        time.sleep(0.2)
-    rank1_node = json.load(open(os.path.join(cfg.run_dir, "workers", "rank_1.json")))["node"]
-    victim = next(n for n in nodes if n.node_id == rank1_node)
-    deadline_s = 8
-    gcs = ray._raylet.GcsClient(address=cluster.address)
-    accepted, why = gcs.drain_node(rank1_node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   "spot reclaim (test)", int(time.time() * 1000) + deadline_s * 1000)
-    events = [{"event": "drain", "after_step": last_step(), "accepted": accepted, "why": why}]
-    time.sleep(deadline_s)
-    cluster.remove_node(victim)
-    events.append({"event": "removed the drained node", "after_step": last_step()})
-    time.sleep(5)
-    cluster.add_node(num_cpus=1)  # a replacement node
-    training.join()
-    print("EVENTS " + json.dumps(events), flush=True)
-    print("OUTCOME " + json.dumps(outcome), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
-""")
+while training.is_alive() and last_step() <= 20:
+    time.sleep(0.2)
+rank1_node = json.load(open(os.path.join(cfg.run_dir, "workers", "rank_1.json")))["node"]
+victim = next(n for n in nodes if n.node_id == rank1_node)
+deadline_s = 8
+gcs = ray._raylet.GcsClient(address=cluster.address)
+accepted, why = gcs.drain_node(rank1_node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                               "spot reclaim (test)", int(time.time() * 1000) + deadline_s * 1000)
+events.append({"event": "drain", "after_step": last_step(), "accepted": accepted, "why": why})
+time.sleep(deadline_s)
+cluster.remove_node(victim)
+events.append({"event": "removed the drained node", "after_step": last_step()})
+time.sleep(5)
+cluster.add_node(num_cpus=1)  # a replacement node
+"""
 
 
 @pytest.mark.ray
@@ -343,11 +314,7 @@ def test_a_drained_node_gets_a_checkpoint_before_it_goes(tmp_path):
         "train": {"steps": 300, "global_batch_size": 16, "log_every": 5, "checkpoint_every": 1000, "preemption_poll_every": 5},
         "scaling": {"num_workers": [1, 2], "cpus_per_worker": 1, "max_failures": 0, "resize_interval_s": 2.0},
     })
-    done = subprocess.run([sys.executable, "-c", DRAIN_JOB, json.dumps(cfg.to_dict())], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    events = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("EVENTS "))[len("EVENTS "):])
-    assert "error" not in json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OUTCOME "))[len("OUTCOME "):])
+    events = run_cluster_job(DRAIN_EVENTS, cfg, nodes=2)
     assert events[0]["accepted"], events
     rows = read_metrics(run_dir)
     notices = [r["step"] for r in rows if r.get("notice") == "drain"]

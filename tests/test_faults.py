@@ -32,6 +32,27 @@ def train_worker_pids() -> list[int]:
     return sorted(pid for pid in titled if psutil.Process(pid).ppid() not in titled)
 
 
+def pretrain_in_thread(cfg, until_step: int, timeout_s: float = 180) -> tuple[threading.Thread, dict]:
+    """Starts `pretrain(cfg)` in a thread and returns (thread, outcome) once the run has logged
+    `until_step` (or `timeout_s` passed); outcome gets "run_dir" or "error" when it ends."""
+    from pipeline.launch import pretrain
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["run_dir"] = pretrain(cfg)
+        except BaseException as err:  # noqa: BLE001 (reported by the callers' assertions)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and max(logged_steps(Path(cfg.run_dir)), default=0) < until_step:
+        time.sleep(0.2)
+    return thread, outcome
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     try:
         return [m["step"] for m in read_metrics(run_dir)]
@@ -41,25 +62,11 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.ray
 def test_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(shards, tmp_path, ray_local):
-    from pipeline.launch import pretrain
-
     checkpoint_every, total = 40, 400
     cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=2, scaling__max_failures=1,
                       train__steps=total, train__checkpoint_every=checkpoint_every, train__log_every=10)
     run_dir = Path(cfg.run_dir)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["run_dir"] = pretrain(cfg)
-        except BaseException as err:  # noqa: BLE001 (reported by the assertion below)
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 180
-    while time.time() < deadline and max(logged_steps(run_dir), default=0) < 2 * checkpoint_every + 10:
-        time.sleep(0.2)
+    thread, outcome = pretrain_in_thread(cfg, until_step=2 * checkpoint_every + 10)
     victims = train_worker_pids()
     assert len(victims) == 2, f"expected 2 Ray Train workers, found {victims}"
     os.kill(victims[-1], signal.SIGKILL)
