@@ -46,9 +46,10 @@ def open_trackers(cfg: Config, start_step: int = 0) -> list[Tracker]:
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """The row's numeric values, without its x axes ("step", "time")."""
+    """The row's numeric values, without its x axes ("step", "time") and the restart marker
+    ("resumed_from": one row's bookkeeping, not a curve; metrics.jsonl keeps it)."""
     return {k: float(v) for k, v in row.items()
-            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k not in ("step", "time", "resumed_from") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class TensorBoardTracker(Tracker):
