@@ -27,14 +27,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from pipeline.run_storage import cache_root
+
 log = logging.getLogger("sslpipe.eval")
 
 SCORING_VERSION = 1
 
 
 def cache_folder() -> Path:
-    root = os.environ.get("SSLPIPE_CACHE") or Path.home() / ".cache" / "sslpipe"
-    return Path(root) / "baselines"
+    return cache_root() / "baselines"
 
 
 def baseline_key(name: str, cfg, manifest: dict, decoder, channels: int) -> dict | None:

@@ -49,11 +49,9 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A run directory's config.yaml, metrics.jsonl and eval/results.json (a URL run's: fetched into
     its local mirror); errors name the file."""
-    if "://" in str(path):
-        from pipeline.run_storage import fetch_run
+    from pipeline.run_storage import fetch_run
 
-        path = fetch_run(str(path))
-    path = Path(path)
+    path = fetch_run(path)  # a URL run's files in its local mirror; a local run as it is
     if not path.is_dir():
         raise FileNotFoundError(f"RUN_DIR {path}: no such directory")
     config_file = path / "config.yaml"

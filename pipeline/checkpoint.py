@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.storage import is_url
+
 log = logging.getLogger("sslpipe.checkpoint")
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -68,7 +70,7 @@ def checkpoint_step(directory: Path) -> int:
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Checkpoint files for a checkpoint file, a checkpoint directory or a run directory (local,
     or a URL: pipeline/run_storage.py), newest (highest step, then latest written) first."""
-    if "://" in str(path):  # a run or checkpoint on object storage: downloaded into its local mirror
+    if is_url(path):  # a run or checkpoint on object storage: downloaded into its local mirror
         from pipeline.run_storage import download_checkpoints
 
         files = [d / CHECKPOINT_FILE for d in download_checkpoints(str(path))]

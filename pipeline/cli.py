@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import EVAL_PROTOCOLS, Config, ConfigError, untrusted_overrides
+from pipeline.storage import is_url
 
 log = logging.getLogger("sslpipe")
 
@@ -184,7 +185,7 @@ def load_config(args, overrides: list[str]) -> Config:
     # before this command line's overrides and flags apply.
     trusted = [] if args.config else untrusted_overrides()
     if getattr(args, "resume", None):
-        flags.append(f"run_dir={args.resume if '://' in args.resume else Path(args.resume).resolve()}")
+        flags.append(f"run_dir={args.resume if is_url(args.resume) else Path(args.resume).resolve()}")
     if args.address:
         flags.append(f"scaling.address={args.address}")
     if args.num_workers is not None:

@@ -110,9 +110,9 @@ def fetch_run(run_dir: str | Path) -> Path:
     return pull(run_dir, RUN_FILES)
 
 
-def checkpoint_dirs(url: str) -> list[tuple[int, str]]:
-    """(step, URL) of every checkpoint under `url` (a run: Ray Train's ray-*/checkpoint_* folders
-    and --local's checkpoints/step_*; or one checkpoint folder), newest first."""
+def checkpoint_dirs(url: str) -> list[tuple[int, str, str]]:
+    """(step, URL, path in the filesystem) of every checkpoint under `url` (a run: Ray Train's
+    ray-*/checkpoint_* folders and --local's checkpoints/step_*; or one checkpoint folder), newest first."""
     import json
 
     fs, root = filesystem(url)
@@ -126,7 +126,7 @@ def checkpoint_dirs(url: str) -> list[tuple[int, str]]:
         except (OSError, ValueError, KeyError):
             step = -1  # unreadable metadata: tried last
         folder = meta.rsplit("/", 1)[0]
-        found.append((step, url.rstrip("/") + folder[len(root):]))
+        found.append((step, url.rstrip("/") + folder[len(root):], folder))
     return sorted(found, key=lambda item: (item[0], item[1]), reverse=True)
 
 
@@ -141,16 +141,15 @@ def download_checkpoints(url: str) -> list[Path]:
     cache = mirror_dir(url) / CHECKPOINT_CACHE
     fs, _ = filesystem(url)
     folders = []
-    for step, folder_url in found:
+    for step, folder_url, folder in found:
         target = cache / hashlib.sha256(folder_url.encode()).hexdigest()[:12]
         if not (target / CHECKPOINT_FILE).is_file():
             target.mkdir(parents=True, exist_ok=True)
-            _, folder = filesystem(folder_url)
             for name in ("meta.json", CHECKPOINT_FILE):
                 try:
-                    fs.get_file(f"{folder.rstrip('/')}/{name}", str(target / (name + ".partial")))
+                    fs.get_file(f"{folder}/{name}", str(target / (name + ".partial")))
                     os.replace(target / (name + ".partial"), target / name)
-                except (OSError, FileNotFoundError) as err:
+                except OSError as err:
                     log.warning("cannot download %s: %s", display_url(join_url(folder_url, name)), err)
         _SOURCES[target.resolve()] = folder_url
         folders.append(target)

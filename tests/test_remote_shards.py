@@ -173,16 +173,21 @@ def test_passwords_and_signatures_in_urls_stay_out_of_errors(http_root):
 
 # S3: moto's server, with request signatures checked against an IAM user's key.
 
+def start_moto_server():
+    """moto's S3-compatible server on a free loopback port: (server, endpoint). Stop it with server.stop()."""
+    moto_server = pytest.importorskip("moto.server")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="module")
 def s3_store(shards):
     """An S3-compatible server on a free loopback port holding the shard folder under s3://BUCKET/PREFIX,
     with authentication on; yields (endpoint, access key id, secret access key)."""
     boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto_server()
     admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
     try:
         iam = boto3.client("iam", **admin)

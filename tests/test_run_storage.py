@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pipeline.checkpoint import CHECKPOINT_FILE, load_valid_checkpoint, write_local_checkpoint
-from tests.test_remote_shards import free_port
+from tests.test_remote_shards import start_moto_server
 
 BUCKET = "ssl-runs"
 
@@ -22,11 +22,7 @@ BUCKET = "ssl-runs"
 def s3_server():
     pytest.importorskip("s3fs")
     boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto_server()
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "sslpipe", "AWS_SECRET_ACCESS_KEY": "sslpipe-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket=BUCKET)
