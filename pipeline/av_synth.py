@@ -226,10 +226,41 @@ def write_mp4(clip: Clip, path: Path, video_fps: int = 25, size: tuple[int, int]
     return path
 
 
+@dataclass
+class ClipSource:
+    """A SampleSource of synthetic clips: position p is sample p % per_clip of clip
+    indices[p // per_clip], so a pool process renders only the clips of its own shards."""
+
+    indices: list[int]
+    labels: list[int]
+    styles: list[ClassStyle]
+    duration: float
+    seed: int
+    fps: float
+    window: float
+    sample_rate: int
+    image_size: int
+    video_fps: float
+    per_clip: int
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.per_clip
+
+    def samples(self, start: int, stop: int) -> Iterator[Sample]:
+        for position in range(start // self.per_clip, -(-stop // self.per_clip)):
+            i = self.indices[position]
+            clip = make_clip(i, self.labels[i], self.styles[self.labels[i]], self.duration, self.seed)
+            made = list(clip_samples(clip, self.fps, self.window, self.sample_rate, self.image_size, self.video_fps))
+            if len(made) != self.per_clip:  # every clip has the same timeline; a guard, not an input error
+                raise RuntimeError(f"av-synth clip {i}: {len(made)} samples, expected {self.per_clip}")
+            first = position * self.per_clip
+            yield from made[max(start - first, 0):stop - first]
+
+
 def write_av_synth(out: str | Path, clips: int = 500, classes: int = 10, duration: float = 4.0, fps: float = 2.0,
                    image_size: int = 32, sample_rate: int = 16000, window: float = 1.0, test_fraction: float = 0.2,
                    seed: int = 0, mp4: int = 0, mp4_out: str | Path | None = None, video_fps: int = 25,
-                   samples_per_shard: int = 5000) -> Path:
+                   samples_per_shard: int = 5000, workers: int = 1) -> Path:
     """SYNTHETIC clips as train/test audio-visual shards plus manifest.json; with `mp4`, the first
     `mp4` clips also as `<mp4_out>/<class>/<video id>.mp4` (default mp4_out: OUT/mp4)."""
     for option, value, ok in (("--clips", clips, clips >= 1), ("--classes", classes, classes >= 2), ("--duration", duration, duration > 0),
@@ -247,15 +278,16 @@ def write_av_synth(out: str | Path, clips: int = 500, classes: int = 10, duratio
     def make(i: int) -> Clip:
         return make_clip(i, labels[i], styles[labels[i]], duration, seed)
 
-    per_clip = sum(1 for _ in clip_samples(make(0), fps, window, 8000, 8, video_fps))  # cheap: tiny frames and rate
+    # Samples per clip at the real rate (the audio window's edges round with it), on tiny frames.
+    per_clip = sum(1 for _ in clip_samples(make(0), fps, window, sample_rate, 8, video_fps))
     if per_clip == 0:
         raise ValueError(f"--duration {duration} s gives no frame with a whole --window {window} s audio window")
     splits = {}
     for split in ("train", "test"):
         indices = [i for i in range(clips) if (i in test) == (split == "test")]
         if indices:
-            samples = (s for i in indices for s in clip_samples(make(i), fps, window, sample_rate, image_size, video_fps))
-            splits[split] = write_split(samples, out, split, len(indices) * per_clip, "RGB", samples_per_shard, audio=audio)
+            source = ClipSource(indices, labels, styles, duration, seed, fps, window, sample_rate, image_size, video_fps, per_clip)
+            splits[split] = write_split(source, out, split, len(source), "RGB", samples_per_shard, audio=audio, workers=workers)
     mp4_out = Path(mp4_out) if mp4_out else out / "mp4"
     height = max(64, 2 * image_size)
     for i in range(mp4):

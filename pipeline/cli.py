@@ -14,6 +14,7 @@ from pipeline.storage import is_url
 
 log = logging.getLogger("sslpipe")
 
+WRITER_WORKERS_HELP = "processes writing shards (default: 1); the shards are the same bytes for any number"
 SHARD_SIZE_HELP = ("samples per shard (default 0: at least 16 shards per split where the data allows, at most 5000 samples each, "
                    "so small datasets train on many workers)")
 OVERRIDE_HELP = "config overrides as --section.key=value (e.g. --optim.lr=0.05 --train.steps=2000), applied after --config"
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "../shared/data/fashion-mnist, /usr/share/datasets/fashion-mnist (in that order).")
     fmnist.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     fmnist.add_argument("--src", help="folder holding the four idx .gz files")
+    fmnist.add_argument("--workers", type=int, default=1, help=WRITER_WORKERS_HELP)
     fmnist.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     digits = sources.add_parser("digits", help="scikit-learn's 8x8 handwritten digits (ships with scikit-learn) -> train/test shards",
                                 description="1,797 images, 10 classes, a stratified seeded split: a second dataset to score "
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     digits.add_argument("--test-fraction", type=float, default=0.3)
     digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--workers", type=int, default=1, help=WRITER_WORKERS_HELP)
     digits.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     folder = sources.add_parser("folder", help="an image tree (PATH/[train|val|test/]<class>/img) -> shards",
                                 description="Class-per-subfolder images; labels are optional (images directly in PATH). "
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("path", help="root of the image tree")
     folder.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     folder.add_argument("--mode", default="RGB", choices=["RGB", "L"], help="colour mode images are converted to when read")
+    folder.add_argument("--workers", type=int, default=1, help=WRITER_WORKERS_HELP)
     folder.add_argument("--samples-per-shard", type=int, default=0, help=SHARD_SIZE_HELP)
     video = sources.add_parser("video", help="video files with sound -> audio-visual shards (frame, audio window, record)",
                                description="PATH is a video or a folder of them (class subfolders give labels, as for `data folder`). "
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--mp4", type=int, default=0, metavar="N", help="also write the first N clips as .mp4 files")
     synth.add_argument("--mp4-out", help="folder for the .mp4 files (default: OUT/mp4)")
+    synth.add_argument("--workers", type=int, default=1, help=WRITER_WORKERS_HELP)
     synth.add_argument("--samples-per-shard", type=int, default=350,
                        help="samples per shard (default: 350: 8 train shards at the default size, enough for 2 workers x 2 loader workers)")
 
@@ -210,11 +215,11 @@ def cmd_data(args) -> int:
         print(summary(reports))
         return 0 if all(r.ok for r in reports) else 1
     if args.source == "fashion-mnist":
-        manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard)
+        manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard, args.workers)
     elif args.source == "digits":
         from pipeline.ingest import write_digits
 
-        manifest = write_digits(args.out, args.test_fraction, args.seed, args.samples_per_shard)
+        manifest = write_digits(args.out, args.test_fraction, args.seed, args.samples_per_shard, args.workers)
     elif args.source == "video":
         from pipeline.video import write_video_dataset
 
@@ -225,9 +230,9 @@ def cmd_data(args) -> int:
 
         manifest = write_av_synth(args.out, args.clips, args.classes, args.duration, args.fps, args.image_size, args.sample_rate,
                                   args.window, test_fraction=args.test_fraction, seed=args.seed, mp4=args.mp4, mp4_out=args.mp4_out,
-                                  samples_per_shard=args.samples_per_shard)
+                                  samples_per_shard=args.samples_per_shard, workers=args.workers)
     else:
-        manifest = write_image_folder(args.path, args.out, args.mode, args.samples_per_shard)
+        manifest = write_image_folder(args.path, args.out, args.mode, args.samples_per_shard, args.workers)
     print(f"wrote {manifest}")
     return 0
 
@@ -303,7 +308,7 @@ def cmd_demo(args, overrides) -> None:
     start = time.perf_counter()
     cfg = load_config(args, overrides)
     if not (Path(cfg.data.root) / MANIFEST).is_file():
-        write_fashion_mnist(cfg.data.root, args.src)
+        write_fashion_mnist(cfg.data.root, args.src, workers=os.cpu_count() or 1)
     data_done = time.perf_counter()
     run_dir = pretrain(cfg)
     import ray

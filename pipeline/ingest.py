@@ -2,27 +2,46 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from pipeline.shards import Sample, fashion_mnist_samples, write_manifest, write_split
-from pipeline.sources import FASHION_MNIST_CLASSES, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
+from pipeline.shards import ImageArraySource, Sample, write_manifest, write_split
+from pipeline.sources import FASHION_MNIST_CLASSES, FolderItem, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
 
 log = logging.getLogger("sslpipe.data")
 
 
-def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_shard: int = 0) -> Path:
-    """Fashion-MNIST (60k train, 10k test, 28x28 grayscale) as PNG + class-label shards."""
+def write_fashion_mnist(out: str | Path, src: str | None = None, samples_per_shard: int = 0, workers: int = 1) -> Path:
+    """Fashion-MNIST (60k train, 10k test, 28x28 grayscale) as PNG + class-label shards; `workers`
+    processes write them (the same bytes for any number)."""
     folder = find_fashion_mnist(src)
     log.info("reading Fashion-MNIST from %s", folder.resolve())
     out = Path(out)
     splits = {}
     for split in ("train", "test"):
         images, labels = load_fashion_mnist(folder, split)
-        splits[split] = write_split(fashion_mnist_samples(images, labels, split), out, split, len(images), "L", samples_per_shard)
+        splits[split] = write_split(ImageArraySource(images, labels, split), out, split, len(images), "L", samples_per_shard,
+                                    workers=workers)
     return write_manifest(out, "fashion-mnist", FASHION_MNIST_CLASSES, "L", splits)
 
 
-def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", samples_per_shard: int = 0) -> Path:
+@dataclass
+class FolderSource:
+    """A SampleSource of image files, read (not re-encoded) when written."""
+
+    items: list[FolderItem]
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def samples(self, start: int, stop: int) -> Iterator[Sample]:
+        for index, (data, ext, label, source) in enumerate(iter_folder_bytes(self.items[start:stop]), start):
+            yield Sample(f"{self.split}_{index:07d}", data, ext, label, source)
+
+
+def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", samples_per_shard: int = 0, workers: int = 1) -> Path:
     """A class-per-subfolder image tree (labels optional) as shards, keeping the original encoded bytes."""
     if mode not in ("L", "RGB"):
         raise ValueError(f"--mode {mode!r}: choose from ['L', 'RGB']")
@@ -30,15 +49,11 @@ def write_image_folder(path: str | Path, out: str | Path, mode: str = "RGB", sam
     out = Path(out)
     splits = {}
     for split, items in splits_items.items():
-        samples = (
-            Sample(f"{split}_{index:07d}", data, ext, label, source)
-            for index, (data, ext, label, source) in enumerate(iter_folder_bytes(items))
-        )
-        splits[split] = write_split(samples, out, split, len(items), mode, samples_per_shard)
+        splits[split] = write_split(FolderSource(items, split), out, split, len(items), mode, samples_per_shard, workers=workers)
     return write_manifest(out, Path(path).resolve().name, classes, mode, splits)
 
 
-def write_digits(out: str | Path, test_fraction: float = 0.3, seed: int = 0, samples_per_shard: int = 0) -> Path:
+def write_digits(out: str | Path, test_fraction: float = 0.3, seed: int = 0, samples_per_shard: int = 0, workers: int = 1) -> Path:
     """scikit-learn's handwritten digits (1,797 images of 8x8, 17 grey levels, 10 classes; shipped
     with scikit-learn, no download) as train/test shards: a small second dataset to score transfer
     on (`sslpipe eval RUN --data-root DIR`: the run's decoder resizes them to its input size).
@@ -56,6 +71,6 @@ def write_digits(out: str | Path, test_fraction: float = 0.3, seed: int = 0, sam
     out = Path(out)
     splits = {}
     for split, rows in (("train", np.sort(train)), ("test", np.sort(test))):
-        splits[split] = write_split(fashion_mnist_samples(images[rows], digits.target[rows], split), out, split, len(rows), "L",
-                                    samples_per_shard)
+        splits[split] = write_split(ImageArraySource(images[rows], digits.target[rows], split), out, split, len(rows), "L",
+                                    samples_per_shard, workers=workers)
     return write_manifest(out, "sklearn-digits", [str(d) for d in range(10)], "L", splits)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import webdataset as wds
@@ -17,7 +19,6 @@ from PIL import Image
 
 from pipeline.storage import MANIFEST, ShardUrl, describe_error, display_url, is_url, join_url, manifest_location, open_url
 from tqdm import tqdm
-
 
 
 @dataclass
@@ -28,6 +29,9 @@ class Sample:
     label: int | None
     source: str = ""  # where the image came from, for error messages
     extra: dict[str, bytes] = field(default_factory=dict)  # more entries by extension: "wav", "json" (audio-visual samples)
+    # The decoded image (uint8, in the dataset's mode) when the writer encoded `image` itself from
+    # it: write_shard then takes the statistics from it and skips decoding its own PNG again.
+    pixels: np.ndarray | None = None
 
 
 @dataclass
@@ -45,6 +49,15 @@ class ChannelStats:
         self.total += flat.sum(0)
         self.total_sq += (flat**2).sum(0)
         self.count += flat.shape[0]
+
+    def merge(self, other: "ChannelStats") -> None:
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.total, self.total_sq = np.zeros_like(other.total), np.zeros_like(other.total_sq)
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.count += other.count
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.total / self.count
@@ -95,56 +108,50 @@ def auto_samples_per_shard(total: int) -> int:
     return max(1, min(MAX_SAMPLES_PER_SHARD, -(-total // MIN_SHARDS_PER_SPLIT)))
 
 
-def write_split(
-    samples: Iterable[Sample],
-    out_dir: Path,
-    split: str,
-    total: int,
-    mode: str,
-    samples_per_shard: int = 0,
-    audio: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Writes one split as `<split>-000000.tar`, ... and returns its manifest entry.
-    `samples_per_shard` 0 sizes shards from `total` (`auto_samples_per_shard`).
+class SampleSource(Protocol):
+    """Samples by position: `samples(start, stop)` makes the samples at positions [start, stop) on
+    its own, so that each process of a pool can build the shards it writes (`write_split(workers=N)`),
+    encoding included, from a picklable description instead of a stream the parent must produce."""
 
-    `audio` (the manifest's {"sample_rate", "samples"}) marks an audio-visual dataset: each sample
-    must then carry an audio entry of exactly that rate and length in `Sample.extra`, checked here
-    like the image. `progress=False` hides the per-sample bar (for callers that show their own).
+    def __len__(self) -> int: ...
+
+    def samples(self, start: int, stop: int) -> Iterator[Sample]: ...
+
+
+@dataclass
+class ShardPart:
+    """One written shard: its manifest entry and what the split's entry sums over shards."""
+
+    entry: dict  # {"file", "count", "sha256"}
+    stats: ChannelStats
+    sizes: set[tuple[int, int]]
+    labelled: int
+
+
+def write_shard(samples: Iterable[Sample], final: Path, mode: str, audio: dict | None = None) -> ShardPart | None:
+    """Writes `samples` as the shard `final` (None when there are none) under a temporary name,
+    renamed when complete, so an interrupted write never leaves a truncated shard that looks finished.
 
     Every image is decoded once while writing: a file that does not decode fails here, named, not
-    in the middle of a training run; the decoded pixels also give the split's channel statistics.
-    Each shard is written under a temporary name and renamed when complete, so an interrupted write
-    never leaves a truncated shard that looks finished.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_per_shard = samples_per_shard or auto_samples_per_shard(total)
-    shards: list[dict] = []
-    stats = ChannelStats()
-    sizes: set[tuple[int, int]] = set()
-    labelled = 0
-    writer, partial, count = None, None, 0
-
-    def close() -> None:
-        writer.close()
-        final = partial.with_suffix("")  # drop ".partial"
-        os.replace(partial, final)
-        shards.append({"file": final.name, "count": count, "sha256": sha256(final)})
-
-    for sample in tqdm(samples, total=total, desc=f"writing {split} shards", unit="img", mininterval=1.0, disable=not progress):
-        if writer is None or count == samples_per_shard:
-            if writer is not None:
-                close()
-            partial = out_dir / f"{split}-{len(shards):06d}.tar.partial"
+    in the middle of a training run; the decoded pixels also give the channel statistics."""
+    partial = final.with_name(final.name + ".partial")
+    stats, sizes, labelled, count = ChannelStats(), set(), 0, 0
+    writer = None
+    for sample in samples:
+        if writer is None:
             # An integer mtime: WebDataset's default (time.time(), a float) makes tarfile add a PAX
             # header to every member, which doubled shard size and halved read speed (bench/loader_speed.py).
             # A fixed one also makes shards byte-for-byte reproducible (same sha256 on every rewrite).
-            writer, count = wds.TarWriter(str(partial), mtime=SHARD_MTIME), 0
-        try:
-            with Image.open(io.BytesIO(sample.image)) as img:
-                pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-        except Exception as err:
-            raise ValueError(f"sample {sample.key!r}{f' ({sample.source})' if sample.source else ''}: image does not decode ({err})") from err
+            writer = wds.TarWriter(str(partial), mtime=SHARD_MTIME)
+        if sample.pixels is not None:
+            pixels = sample.pixels.astype(np.float32) / 255.0
+        else:
+            try:
+                with Image.open(io.BytesIO(sample.image)) as img:
+                    pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+            except Exception as err:
+                writer.close()
+                raise ValueError(f"sample {sample.key!r}{f' ({sample.source})' if sample.source else ''}: image does not decode ({err})") from err
         pixels = pixels[..., None] if pixels.ndim == 2 else pixels
         stats.add(pixels)
         sizes.add(pixels.shape[:2])
@@ -157,16 +164,104 @@ def write_split(
         writer.write(record)
         count += 1
     if writer is None:
+        return None
+    writer.close()
+    os.replace(partial, final)
+    return ShardPart({"file": final.name, "count": count, "sha256": sha256(final)}, stats, sizes, labelled)
+
+
+# What a pool process writes from: set once per process by the pool's initializer, so the source
+# (Fashion-MNIST's 47 MB of pixels) is not sent again with every shard.
+_pool_source: SampleSource | None = None
+
+
+def _set_pool_source(source: SampleSource) -> None:
+    global _pool_source
+    _pool_source = source
+
+
+def _write_source_shard(job: tuple[int, int, Path, str, dict | None]) -> ShardPart | None:
+    start, stop, final, mode, audio = job
+    return write_shard(_pool_source.samples(start, stop), final, mode, audio)
+
+
+def write_split(
+    samples: Iterable[Sample] | SampleSource,
+    out_dir: Path,
+    split: str,
+    total: int,
+    mode: str,
+    samples_per_shard: int = 0,
+    audio: dict | None = None,
+    progress: bool = True,
+    workers: int = 1,
+) -> dict:
+    """Writes one split as `<split>-000000.tar`, ... (`write_shard` each) and returns its manifest
+    entry. `samples_per_shard` 0 sizes shards from `total` (`auto_samples_per_shard`).
+
+    `samples` is a stream, or a `SampleSource` (then `total` is its length); with a source,
+    `workers` > 1 writes its shards in a process pool. The bytes are the same for any number of
+    workers: shard k holds positions [k*n, (k+1)*n) either way, and the split's statistics are
+    summed per shard in shard order.
+
+    `audio` (the manifest's {"sample_rate", "samples"}) marks an audio-visual dataset: each sample
+    must then carry an audio entry of exactly that rate and length in `Sample.extra`, checked here
+    like the image. `progress=False` hides the per-sample bar (for callers that show their own).
+    """
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be at least 1")
+    is_source = hasattr(samples, "samples") and hasattr(samples, "__len__")
+    if workers > 1 and not is_source:
+        raise ValueError("write_split(workers > 1) needs a SampleSource, not a stream of samples")
+    total = len(samples) if is_source else total
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_shard = samples_per_shard or auto_samples_per_shard(total)
+    bar = tqdm(total=total or None, desc=f"writing {split} shards", unit="img", mininterval=1.0, disable=not progress)
+
+    def path(index: int) -> Path:
+        return out_dir / f"{split}-{index:06d}.tar"
+
+    parts: list[ShardPart] = []
+    if is_source:
+        jobs = [(start, min(start + per_shard, total), path(k), mode, audio) for k, start in enumerate(range(0, total, per_shard))]
+        if workers > 1 and len(jobs) > 1:
+            # Ordered results (imap): the manifest lists shards in order whatever finishes first.
+            with multiprocessing.Pool(min(workers, len(jobs)), initializer=_set_pool_source, initargs=(samples,)) as pool:
+                for part in pool.imap(_write_source_shard, jobs):
+                    parts.append(part)
+                    bar.update(part.entry["count"])
+        else:
+            for start, stop, final, _, _ in jobs:
+                parts.append(write_shard(samples.samples(start, stop), final, mode, audio))
+                bar.update(parts[-1].entry["count"])
+    else:
+        stream = iter(samples)
+
+        def counted(chunk: Iterable[Sample]) -> Iterator[Sample]:
+            for sample in chunk:
+                yield sample
+                bar.update(1)
+
+        while True:
+            part = write_shard(counted(itertools.islice(stream, per_shard)), path(len(parts)), mode, audio)
+            if part is None:
+                break
+            parts.append(part)
+    bar.close()
+    if not parts:
         raise ValueError(f"split {split!r} has no samples")
-    close()
+    stats, sizes = ChannelStats(), set()
+    for part in parts:
+        stats.merge(part.stats)
+        sizes |= part.sizes
     mean, std = stats.mean_std()
     return {
-        "count": sum(s["count"] for s in shards),
-        "labelled": labelled,
+        "count": sum(p.entry["count"] for p in parts),
+        "labelled": sum(p.labelled for p in parts),
         "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
         "mean": mean,
         "std": std,
-        "shards": shards,
+        "shards": [p.entry for p in parts],
     }
 
 
@@ -241,5 +336,28 @@ def split_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
 
 
 def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str) -> Iterator[Sample]:
-    for index, (image, label) in enumerate(zip(images, labels)):
-        yield Sample(f"{split}_{index:06d}", encode_png(image), "png", int(label))
+    return ImageArraySource(images, labels, split).samples(0, len(images))
+
+
+@dataclass
+class ImageArraySource:
+    """A SampleSource of uint8 pixel arrays and their labels, encoded as PNG when written:
+    Fashion-MNIST, scikit-learn's digits. Grayscale only ((N, H, W), mode "L"): the arrays are the
+    decoded pixels the writer's statistics come from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    split: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or self.images.dtype != np.uint8 or len(self.images) != len(self.labels):
+            raise ValueError(f"ImageArraySource({self.split!r}): needs (N, H, W) uint8 images and N labels, got "
+                             f"{self.images.dtype} {self.images.shape} and {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def samples(self, start: int, stop: int) -> Iterator[Sample]:
+        for index in range(start, stop):
+            image = self.images[index]
+            yield Sample(f"{self.split}_{index:06d}", encode_png(image), "png", int(self.labels[index]), pixels=image)
