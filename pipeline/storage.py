@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 import urllib.parse
+from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
 import fsspec

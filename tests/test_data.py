@@ -336,3 +336,10 @@ def test_the_fast_tar_reader_fails_and_ends_where_tarfile_does():
         list(tar_members(io.BytesIO(b"")))
     with pytest.raises(tarfile.ReadError):
         list(tar_members(io.BytesIO(b"not a tar at all" * 64)))
+
+
+def test_an_unknown_split_of_a_local_dataset_is_named_with_its_manifest(shards):
+    """split_urls on a local folder used to raise NameError (Path was not imported in storage.py)."""
+    manifest = read_manifest(shards)
+    with pytest.raises(KeyError, match=r"split 'val' is not in .*manifest.json; available: \['test', 'train'\]"):
+        split_urls(shards, manifest, "val")
