@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from sklearn.neighbors import KNeighborsClassifier
 
+    from core.knn import knn_predict
     from eval.features import extract_features
-    from eval.knn import knn_predict
     from eval.linear_probe import linear_probe
-    from pipeline.backbone import create_backbone
+    from models.backbone import create_backbone
     from pipeline.config import Config
     from pipeline.data import decoder_for
     from pipeline.ingest import write_fashion_mnist

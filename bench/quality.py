@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, ConfigError
+from core.errors import ConfigError
+from pipeline.config import Config
 
 log = logging.getLogger("sslpipe.bench")
 
@@ -228,11 +229,11 @@ def plot(report: dict, path: Path) -> None:
 
 def subset_baselines(data_root: str) -> dict[str, float]:
     """Online kNN's horizontal lines: raw pixels and the shared random-init backbone on the online subset."""
-    from pipeline.backbone import create_backbone
+    from core.knn import knn_accuracy
+    from models.backbone import create_backbone
     from pipeline.data import decoder_for
     from pipeline.online_eval import OnlineKNN
     from pipeline.shards import read_manifest
-    from eval.knn import knn_accuracy
 
     cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
     manifest = read_manifest(data_root)

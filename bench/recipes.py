@@ -30,7 +30,7 @@ log = logging.getLogger("sslpipe.bench")
 
 def pixel_knn(cfg: Config) -> float:
     """kNN top-1 of raw pixels on the online subset, the line every variant must beat."""
-    from eval.knn import knn_accuracy
+    from core.knn import knn_accuracy
     from pipeline.data import decoder_for
     from pipeline.online_eval import OnlineKNN
     from pipeline.shards import read_manifest

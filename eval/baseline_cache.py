@@ -9,7 +9,7 @@ ignored, never trusted. The key holds everything the score depends on:
 - the decoding: colour mode, image size, mean and std;
 - the scoring: kNN k and temperature, the probe's C grid and held-out fraction, the protocols
   and their settings, and
-  SCORING_VERSION, raised whenever eval/knn.py or eval/linear_probe.py changes what they compute;
+  SCORING_VERSION, raised whenever core/knn.py or eval/linear_probe.py changes what they compute;
 - for the random-init backbone: the model config, the seed, the input channels, the torch and
   timm versions (their initializers draw the weights) and eval.precise_bn.
 

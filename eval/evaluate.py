@@ -9,24 +9,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eval.embedding import plot_embedding
+from core.grids import save_grid
+from core.knn import knn_accuracy
 from eval.audio_visual import evaluate_audio_visual, is_audio_visual
 from eval.baseline_cache import baseline_key, entry_path, load_row, store_row
+from eval.clustering import cluster_scores
+from eval.embedding import plot_embedding
 from eval.features import Features, extract_features
 from eval.generative import generate, load_task, needs_task, test_log_likelihood
-from eval.clustering import cluster_scores
-from eval.knn import knn_accuracy
 from eval.linear_probe import linear_probe
 from eval.low_shot import k_shot_svm, low_shot_probe
 from eval.per_layer import PooledStages, plot_per_layer
 from eval.precise_bn import recompute_batchnorm
 from eval.report import write_results
-from pipeline.backbone import create_backbone
+from models.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
 from pipeline.config import Config, reset_security_switches
 from pipeline.data import BadSamples, ImageDecoder, check_urls
 from pipeline.run_storage import local_run_dir, push
-from pretext.grids import save_grid
 from pipeline.shards import read_manifest, split_urls
 from pipeline.tracking import log_eval
 

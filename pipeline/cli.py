@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import EVAL_PROTOCOLS, Config, ConfigError, untrusted_overrides
+from core.errors import ConfigError
+from pipeline.config import EVAL_PROTOCOLS, Config, untrusted_overrides
 from pipeline.storage import is_url
 
 log = logging.getLogger("sslpipe")
@@ -199,7 +200,7 @@ def load_config(args, overrides: list[str]) -> Config:
         flags.append("scaling.use_gpu=true")
     flags += [f"data.{key}=true" for key in input_overrides(args)]
     cfg = Config.load(path, [*trusted, *overrides, *flags])
-    from pipeline.backbone import check_backbone
+    from models.backbone import check_backbone
 
     check_backbone(cfg.model)
     return cfg
@@ -247,7 +248,7 @@ def cmd_pretrain(args, overrides) -> Path:
 
 
 def cmd_examples(args, overrides) -> None:
-    from pipeline.backbone import check_backbone
+    from models.backbone import check_backbone
     from pipeline.examples import write_examples
 
     cfg = Config.load(args.config, [*overrides, *(f"data.{key}=true" for key in input_overrides(args))])

@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key."""
+from core.errors import ConfigError
+from core.options import (  # sections `model` and `optim`, shared with pretext and models
+    ModelConfig,
+    OptimConfig,
+)
 
 
 @dataclass
@@ -41,26 +43,9 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name; created with num_classes=0
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-
-
-@dataclass
 class TaskConfig:
     name: str = "rotation"  # a key of pretext.TASKS
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task's class
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # for a global batch of 256; scaled linearly with global_batch_size
-    momentum: float = 0.9  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw; DCGAN uses [0.5, 0.999], WGAN-GP [0.0, 0.9]
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 50
 
 
 @dataclass
@@ -407,7 +392,9 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.tracking.mlflow_uri:
         if not cfg.tracking.mlflow_experiment:
             raise ConfigError("tracking.mlflow_experiment must name an experiment when tracking.mlflow_uri is set")
-        from pipeline.tracking import require_mlflow  # here: only runs that log to MLflow need it
+        from pipeline.tracking import (
+            require_mlflow,  # here: only runs that log to MLflow need it
+        )
 
         require_mlflow()  # on the driver, before Ray starts, not in the rank-0 worker after minutes
     if not check_task:

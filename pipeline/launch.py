@@ -6,11 +6,19 @@ import os
 import time
 from pathlib import Path
 
+from core.errors import ConfigError
 from pipeline.checkpoint import load_valid_checkpoint
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.examples import write_run_examples
 from pipeline.metrics import plot_metrics
-from pipeline.run_storage import fetch_run, local_run_dir, pull, push, ray_storage, source_url
+from pipeline.run_storage import (
+    fetch_run,
+    local_run_dir,
+    pull,
+    push,
+    ray_storage,
+    source_url,
+)
 from pipeline.storage import display_url, is_url
 
 log = logging.getLogger("sslpipe.launch")

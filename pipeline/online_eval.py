@@ -14,7 +14,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from eval.knn import knn_accuracy
+from core.knn import knn_accuracy
 from pipeline.config import Config
 from pipeline.data import BadSamples, ImageDecoder, check_urls, first_decoded
 from pipeline.shards import split_urls

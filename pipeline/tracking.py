@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+from core.errors import ConfigError
+from pipeline.config import Config
 
 log = logging.getLogger("sslpipe.tracking")
 
@@ -56,7 +57,9 @@ class TensorBoardTracker(Tracker):
     """Every row as scalars at the row's step, with the row's wall time."""
 
     def __init__(self, log_dir: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter  # here: only rank 0 with tensorboard on needs it
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # here: only rank 0 with tensorboard on needs it
+        )
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbone import create_backbone
+from core.errors import ConfigError
+from models.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.data import BadSamples, check_urls, decoder_for, train_loader
 from pipeline.metrics import MetricsLog, memory_mb
 from pipeline.online_eval import OnlineKNN

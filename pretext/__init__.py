@@ -5,16 +5,16 @@ import inspect
 
 from pretext.av_contrastive import AVContrastive
 from pretext.avc import AVC
+from pretext.barlow_twins import BarlowTwins
 from pretext.base import PretextTask
+from pretext.bigan import BiGAN
 from pretext.byol import BYOL
 from pretext.colorization import Colorization
 from pretext.context_encoder import ContextEncoder
-from pretext.bigan import BiGAN
 from pretext.context_prediction import ContextPrediction
 from pretext.cpc import CPC
 from pretext.denoising_autoencoder import DenoisingAutoencoder
 from pretext.dino import DINO
-from pretext.swav import SwAV
 from pretext.exemplar import Exemplar
 from pretext.gan import GAN
 from pretext.jigsaw import Jigsaw
@@ -24,9 +24,9 @@ from pretext.odd_one_out import OddOneOut
 from pretext.pixelcnn import PixelCNN
 from pretext.rotation import Rotation
 from pretext.simsiam import SimSiam
+from pretext.swav import SwAV
 from pretext.temporal_order import TemporalOrder
 from pretext.vae import VAE
-from pretext.barlow_twins import BarlowTwins
 from pretext.vicreg import VICReg
 
 TASKS: dict[str, type[PretextTask]] = {
@@ -84,7 +84,7 @@ def task_options(name: str) -> dict[str, object]:
 
 def check_task_options(name: str, options: dict) -> None:
     """Raises ConfigError for options the task does not accept, listing the ones it does."""
-    from pipeline.config import ConfigError
+    from core.errors import ConfigError
 
     valid = task_options(name)
     for key in options:

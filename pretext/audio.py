@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import CELL
 from pretext.base import PretextTask
-
-from pretext.grids import CELL
 
 # The front end's defaults follow VGGish / AudioSet practice: 64 mel bands, 25 ms Hann windows every 10 ms.
 N_MELS, WINDOW_MS, HOP_MS = 64, 25.0, 10.0

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretext.grids import Panel
+from core.grids import Panel
 
 # YIQ: hue is an angle in the IQ plane, so a hue shift is a rotation there (colour jitter's hue, batched).
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretext.audio import AudioVisualPair, AudioVisualTask, create_audio_encoder, spectrogram_picture
-from pretext.grids import Panel
+from core.grids import Panel
+from pretext.audio import (
+    AudioVisualPair,
+    AudioVisualTask,
+    create_audio_encoder,
+    spectrogram_picture,
+)
 from pretext.heads import MLPHead
 from pretext.losses import info_nce
 

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import OptimConfig
-from pretext.grids import Panel, read_png, save_panels
+from core.grids import Panel, read_png, save_panels
+from core.options import OptimConfig
 
 
 class PretextTask(nn.Module):

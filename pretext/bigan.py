@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.timm_models import DCGANDiscriminator
+from core.grids import interleave_rows, save_grid
+from models.timm_models import DCGANDiscriminator
 from pretext.gan import GAN
-from pretext.grids import interleave_rows, save_grid
 from pretext.losses import discriminator_loss
 
 

@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError
+from core.errors import ConfigError
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import feature_maps
 
 # ITU-R 601 luma weights, as PIL's convert("L") uses them; PIL computes them in 16-bit fixed point.

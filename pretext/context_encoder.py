@@ -8,8 +8,8 @@ import random
 import torch
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import ConvDecoder, feature_maps
 
 MASKS = ("center", "random")

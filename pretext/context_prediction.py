@@ -8,8 +8,8 @@ import random
 import torch
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import MLPHead
 
 # (row, column) direction of each class, clockwise from the top-left neighbour, as in the paper's figure.

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import Panel, mosaic
 from pretext.base import PretextTask
-from pretext.grids import Panel, mosaic
 from pretext.losses import info_nce
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.augment import MultiCrop, crop_groups, crop_panels
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.losses import all_reduce_sum
 from pretext.momentum import cosine_schedule, ema_update_, momentum_copy
 

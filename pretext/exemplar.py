@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.augment import MultiCrop, TwoViews, crop_groups, crop_panels
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.losses import gather_with_grad, info_nce, multi_view_nt_xent
 from pretext.momentum import ema_update_, momentum_copy

@@ -19,10 +19,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from core.grids import save_grid, slerp
 from pretext.base import ImageOnly, PretextTask, build_optimizer
-from pretext.grids import save_grid, slerp
 from pretext.heads import ConvTransposeDecoder, feature_maps
-from pretext.losses import GAN_LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from pretext.losses import (
+    GAN_LOSSES,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+)
 
 log = logging.getLogger("sslpipe.gan")
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from core.grids import Panel, mosaic
 from pretext.base import PretextTask
-from pretext.grids import Panel, mosaic
 from pretext.heads import MLPHead
 
 

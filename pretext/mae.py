@@ -10,8 +10,8 @@ import torchvision.transforms.v2 as T
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from core.grids import Panel, save_panels
 from pretext.base import PretextTask
-from pretext.grids import Panel, save_panels
 
 POS_EMBEDS = ("sincos", "learned")
 MASK_COLOUR = (0.35, 0.55, 0.85)  # how hidden patches are drawn: blue, unlike any gray level of the data

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 
 
 class MultiTransform:

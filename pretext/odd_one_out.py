@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from core.grids import Panel, mosaic
 from pretext.base import PretextTask
-from pretext.grids import Panel, mosaic
 from pretext.heads import MLPHead
 from pretext.temporal import clip_frames, embed_frames, frame_groups, random_flip
 

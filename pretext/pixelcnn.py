@@ -4,7 +4,7 @@ each conditional a 256-way softmax computed by masked convolutions, so training 
 exact log-likelihood and test bits/dim are exact. Samples are drawn pixel by pixel.
 
 The network is the backbone (`model.backbone: pixelcnn`, registered with timm in
-pipeline/timm_models.py): the eval stage scores its residual stack's features, averaged over
+models/timm_models.py): the eval stage scores its residual stack's features, averaged over
 positions, like any backbone's pooled features.
 """
 from __future__ import annotations
@@ -14,10 +14,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.timm_models import PixelCNNNet
+from core.grids import Panel, save_grid
+from models.timm_models import PixelCNNNet
 from pretext.base import ImageOnly, PretextTask
-from pretext.grids import Panel, save_grid
-from pretext.likelihoods import bits_per_dim, categorical_log_likelihood, from_pixels, to_pixels
+from pretext.likelihoods import (
+    bits_per_dim,
+    categorical_log_likelihood,
+    from_pixels,
+    to_pixels,
+)
 
 
 class PixelCNN(PretextTask):

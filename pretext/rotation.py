@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import MLPHead
 
 NUM_ROTATIONS = 4  # 0, 90, 180 and 270 degrees

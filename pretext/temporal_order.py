@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.temporal import clip_frames, embed_frames, frame_groups, random_flip
 

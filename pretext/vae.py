@@ -22,11 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import interleave_rows, lerp, save_grid
 from pretext.base import ImageOnly, PretextTask
-from pretext.grids import interleave_rows, lerp, save_grid
 from pretext.heads import ConvTransposeDecoder
-from pretext.likelihoods import (LIKELIHOODS, bernoulli_log_likelihood, bits_per_dim, discretized_gaussian_log_likelihood,
-                                 gaussian_kl, to_pixels)
+from pretext.likelihoods import (
+    LIKELIHOODS,
+    bernoulli_log_likelihood,
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    gaussian_kl,
+    to_pixels,
+)
 
 REPRESENTATIONS = ("pooled", "mu", "both")
 

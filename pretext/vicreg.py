@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.grids import Panel
 from pretext.augment import TwoViews
 from pretext.base import PretextTask
-from pretext.grids import Panel
 from pretext.heads import MLPHead
 from pretext.losses import gather_global
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pipeline.config import ConfigError
+from core.errors import ConfigError
 from pipeline.metrics import read_metrics
 from pipeline.session import LocalSession
 from pipeline.train import train_worker
@@ -125,7 +125,7 @@ def test_fresh_device_views_of_a_fixed_batch_are_learnable(name):
     """The loss falls over 20 steps on one batch of images whose views are drawn anew on every
     step by `on_batch`, as the training loop does with data.augment_on=device. (InfoNCE on the
     tiny backbone needs far more than 20 steps of fresh views, per sample or per batch alike.)"""
-    from pipeline.config import OptimConfig
+    from core.options import OptimConfig
     from pipeline.train import autocast_factory
     from tests.test_tasks import make_task, sample_dicts
 

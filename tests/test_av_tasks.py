@@ -14,15 +14,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import create_backbone
-from pipeline.config import Config, ConfigError, ModelConfig, OptimConfig
+from core.errors import ConfigError
+from core.grids import CELL
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
+from pipeline.config import Config
 from pipeline.data import ImageDecoder, collate
 from pipeline.train import autocast_factory, build_task
 from pretext import create_task
-from pretext.audio import AudioVisualPair, LogMel, clip_code, create_audio_encoder, hz_to_mel, mel_filterbank, mel_to_hz
-from pretext.avc import AVC, correspondence_pairs
+from pretext.audio import (
+    AudioVisualPair,
+    LogMel,
+    clip_code,
+    create_audio_encoder,
+    hz_to_mel,
+    mel_filterbank,
+    mel_to_hz,
+)
 from pretext.av_contrastive import AVContrastive
-from pretext.grids import CELL
+from pretext.avc import AVC, correspondence_pairs
 from pretext.losses import info_nce
 from tests.conftest import TINY_BACKBONE
 

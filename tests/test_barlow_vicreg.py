@@ -205,8 +205,8 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(tmp_path):
 
 @pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
 def test_task_logs_the_unweighted_terms_of_its_loss(name):
-    from pipeline.backbone import create_backbone
-    from pipeline.config import ModelConfig
+    from core.options import ModelConfig
+    from models.backbone import create_backbone
     from pretext import create_task
     from tests.conftest import TINY_BACKBONE
 
@@ -227,7 +227,7 @@ def test_vicreg_twenty_steps_lower_the_loss_with_an_expander_narrower_than_the_b
     """test_tasks' fixed-batch check, with an expander output (16) below the batch (32): with more
     dimensions than samples the covariance cannot vanish, and at 32 samples and D = 1024 even free
     embeddings bottom out at a loss of about 16 of the initial 25."""
-    from pipeline.config import OptimConfig
+    from core.options import OptimConfig
     from pipeline.train import autocast_factory
     from tests.test_tasks import fixed_batch, make_task
 

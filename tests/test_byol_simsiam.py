@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import OptimConfig
+from core.options import OptimConfig
 from pipeline.train import autocast_factory
 from pretext.byol import byol_loss, normalized_mse
 from pretext.simsiam import output_std, simsiam_loss

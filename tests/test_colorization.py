@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.backbone import create_backbone
-from pipeline.config import ConfigError, ModelConfig, OptimConfig
+from core.errors import ConfigError
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
 from pipeline.data import collate
 from pipeline.train import autocast_factory
 from pretext.colorization import (

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError
+from core.errors import ConfigError
+from pipeline.config import Config
 
 
 def test_yaml_then_overrides_then_saved(tmp_path):
@@ -54,8 +55,8 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_unknown_backbone_suggests_names():
-    from pipeline.backbone import check_backbone
-    from pipeline.config import ModelConfig
+    from core.options import ModelConfig
+    from models.backbone import check_backbone
 
     with pytest.raises(ConfigError, match=r"unknown timm model 'resnet181'.*resnet18"):
         check_backbone(ModelConfig(backbone="resnet181"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import create_backbone
-from pipeline.config import ModelConfig, OptimConfig
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
 from pipeline.data import collate
 from pipeline.train import autocast_factory
 from pretext.cpc import CPC

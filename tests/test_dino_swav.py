@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 # pipeline.data.collate is this; importing pipeline.data would slow the start of the gloo workers.
 from torch.utils.data import default_collate as collate
 
-from pipeline.config import OptimConfig
+from core.options import OptimConfig
 from pretext.dino import DINO, dino_loss, updated_center
 from pretext.swav import SwAV, sinkhorn_knopp, swav_loss
 from tests.gloo import run_gloo
@@ -366,7 +367,7 @@ def test_vit_dino_trains_one_step_on_crops_of_two_sizes():
 def test_vit_config_takes_global_and_local_crops():
     from pathlib import Path
 
-    from pipeline.backbone import create_backbone
+    from models.backbone import create_backbone
     from pipeline.config import Config
 
     cfg = Config.load(Path(__file__).parents[1] / "configs" / "dino_vit_fmnist.yaml")

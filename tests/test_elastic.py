@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.metrics import plot_metrics, read_metrics, resizes
 from pipeline.preemption import Preempted
 from tests.conftest import TINY_BACKBONE, write_synthetic_shards
@@ -96,7 +97,6 @@ def test_sigterm_in_one_process_checkpoints_the_step_reached_and_resume_finishes
     Preempted; a resume continues from step 13 with nothing redone."""
     import pipeline.preemption as preemption
     from pipeline.launch import pretrain_local
-
     from pretext.base import PretextTask
 
     real_set_progress = PretextTask.set_progress

@@ -7,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from eval.knn import knn_accuracy, knn_predict
+from core.knn import knn_accuracy, knn_predict
 from eval.linear_probe import fit_logistic_regression, linear_probe
 
 

@@ -8,18 +8,40 @@ import pytest
 import torch
 from PIL import Image
 
+from core.grids import (
+    CAPTION_LINES,
+    CELL,
+    LINE_HEIGHT,
+    MOSAIC_GAP,
+    PAD,
+    Panel,
+    layout,
+    panel_geometry,
+    save_panels,
+)
 from pipeline.config import Config
 from pipeline.data import collate, decoder_for
 from pipeline.examples import EXAMPLES, first_samples, seeded, write_examples
-from pipeline.shards import Sample, encode_png, read_manifest, write_manifest, write_split
+from pipeline.shards import (
+    Sample,
+    encode_png,
+    read_manifest,
+    write_manifest,
+    write_split,
+)
 from pipeline.train import build_task
 from pretext import TASKS
 from pretext.colorization import lab_to_rgb, rgb_to_lab
-from pretext.grids import CAPTION_LINES, CELL, LINE_HEIGHT, MOSAIC_GAP, PAD, Panel, layout, panel_geometry, save_panels
 from tests import test_colorization
 from tests.conftest import TINY_BACKBONE
 from tests.test_av_tasks import AV_OPTIONS
-from tests.test_tasks import BACKBONES, IMAGE_SIZE, data_channels, make_task, sample_dicts
+from tests.test_tasks import (
+    BACKBONES,
+    IMAGE_SIZE,
+    data_channels,
+    make_task,
+    sample_dicts,
+)
 
 COUNT = 8
 # (columns, lines) of each task's figure of 8 samples, 8 cells a line: how many panels it draws per example.

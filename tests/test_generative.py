@@ -10,14 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbone import create_backbone
+from core.grids import save_grid, slerp
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ModelConfig, OptimConfig
 from pipeline.session import LocalSession
 from pipeline.train import autocast_factory, train_worker
 from pretext import create_task
-from pretext.grids import save_grid, slerp
-from pretext.likelihoods import discretized_gaussian_log_likelihood, from_pixels, gaussian_kl, to_pixels
+from pretext.likelihoods import (
+    discretized_gaussian_log_likelihood,
+    from_pixels,
+    gaussian_kl,
+    to_pixels,
+)
 from pretext.losses import discriminator_loss, generator_loss, gradient_penalty
 from tests.conftest import TINY_BACKBONE, synthetic_images
 from tests.test_train import tiny_config
@@ -407,7 +412,7 @@ def _with_steps(run_dir: Path, steps: int):
 
 
 def test_interleave_rows_puts_each_reconstruction_row_under_its_originals():
-    from pretext.grids import interleave_rows
+    from core.grids import interleave_rows
 
     originals, recon = torch.arange(16.0).view(16, 1, 1, 1), -torch.arange(16.0).view(16, 1, 1, 1)
     grid = interleave_rows(originals, recon).flatten().tolist()

@@ -6,11 +6,19 @@ import pytest
 import timm
 import torch
 
-from pipeline.backbone import create_backbone
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
 from pipeline.checkpoint import encoder_state
-from pipeline.config import ModelConfig, OptimConfig
 from pipeline.train import autocast_factory
-from pretext.mae import MAE, MASK_COLOUR, kept_count, mae_loss, patchify, random_masking, unpatchify
+from pretext.mae import (
+    MAE,
+    MASK_COLOUR,
+    kept_count,
+    mae_loss,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 from tests.conftest import TINY_BACKBONE
 from tests.test_tasks import BACKBONES, IMAGE_SIZE, fixed_batch, make_task
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import Config, ConfigError, OptimConfig
+from core.errors import ConfigError
+from core.options import OptimConfig
+from pipeline.config import Config
 from pipeline.train import autocast_factory
 from tests.test_tasks import fixed_batch, make_task
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ConfigError
+from core.knn import knn_accuracy
 from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
-from eval.knn import knn_accuracy
-from pipeline.config import ConfigError
 from pipeline.metrics import plot_metrics, read_metrics
 from pipeline.session import LocalSession
 from pipeline.shards import read_manifest, split_urls

@@ -70,7 +70,7 @@ def test_per_layer_scores_every_stage_with_timm_feature_info_widths(shards, tmp_
     monkeypatch.setenv("SSLPIPE_CACHE", str(tmp_path / "cache"))
     cfg = tiny_run(shards, tmp_path / "run")
     results = evaluate(tmp_path / "run", tmp_path / "eval", protocols=["per_layer"])
-    from pipeline.backbone import create_backbone
+    from models.backbone import create_backbone
 
     widths = [entry["num_chs"] for entry in create_backbone(cfg.model, 1).feature_info]
     for name in ("random_init", "pretrained"):

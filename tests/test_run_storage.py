@@ -12,7 +12,11 @@ import time
 
 import pytest
 
-from pipeline.checkpoint import CHECKPOINT_FILE, load_valid_checkpoint, write_local_checkpoint
+from pipeline.checkpoint import (
+    CHECKPOINT_FILE,
+    load_valid_checkpoint,
+    write_local_checkpoint,
+)
 from tests.test_remote_shards import start_moto_server
 
 BUCKET = "ssl-runs"
@@ -61,7 +65,13 @@ def fake_state(step: int) -> dict:
 
 
 def test_push_pull_and_the_newest_readable_checkpoint_from_a_url(s3, tmp_path):
-    from pipeline.run_storage import fetch_run, local_run_dir, mirror_dir, push, source_url
+    from pipeline.run_storage import (
+        fetch_run,
+        local_run_dir,
+        mirror_dir,
+        push,
+        source_url,
+    )
 
     url = f"s3://{BUCKET}/unit/run1"
     local = local_run_dir(url)
@@ -94,7 +104,7 @@ def test_push_pull_and_the_newest_readable_checkpoint_from_a_url(s3, tmp_path):
 
 
 def test_local_runs_refuse_a_url_run_dir(shards, s3):
-    from pipeline.config import ConfigError
+    from core.errors import ConfigError
     from pipeline.launch import pretrain_local
     from tests.test_train import tiny_config
 

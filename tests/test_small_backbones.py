@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from pipeline.timm_models import SmallImageResNet
+from models.timm_models import SmallImageResNet
 
 
 @pytest.mark.parametrize("stride, maps", [(1, [28, 28, 14, 7, 4]), (2, [14, 14, 7, 4, 2])])

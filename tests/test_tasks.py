@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbone import create_backbone
-from pipeline.config import ConfigError, ModelConfig, OptimConfig
+from core.errors import ConfigError
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
 from pipeline.data import collate
 from pipeline.train import autocast_factory
 from pretext import TASKS, check_task_options, create_task
@@ -134,7 +135,7 @@ def test_train_step_finite_loss_and_every_parameter_gets_gradient(name):
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_twenty_steps_lower_the_loss_on_a_fixed_batch(name):
-    from pipeline.config import OptimConfig
+    from core.options import OptimConfig
 
     if getattr(TASKS[name], "adversarial", False):
         pytest.skip("adversarial: each player's step is tested in test_generative.py, no joint loss falls")

@@ -12,9 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import create_backbone
-from pipeline.config import Config, ConfigError, ModelConfig, OptimConfig
-from pipeline.data import GroupFrames, ShardError, collate, decoder_for, first_decoded, train_loader
+from core.errors import ConfigError
+from core.options import ModelConfig, OptimConfig
+from models.backbone import create_backbone
+from pipeline.config import Config
+from pipeline.data import (
+    GroupFrames,
+    ShardError,
+    collate,
+    decoder_for,
+    first_decoded,
+    train_loader,
+)
 from pipeline.metrics import read_metrics
 from pipeline.session import LocalSession
 from pipeline.shards import read_manifest, split_urls

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import Config, ConfigError, absolute_store_uri
+from core.errors import ConfigError
+from pipeline.config import Config, absolute_store_uri
 from pipeline.metrics import read_metrics
 from pipeline.session import LocalSession
-from pipeline.train import train_worker
 from pipeline.tracking import MLFLOW_RUN_FILE, scalars
+from pipeline.train import train_worker
 from tests.test_train import tiny_config
 
 

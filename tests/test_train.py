@@ -102,7 +102,7 @@ def test_crash_resume_keeps_the_learning_rate_of_an_uninterrupted_run(shards, tm
 def test_extending_a_finished_run_continues_its_decayed_rate_or_restarts_on_purpose(shards, tmp_path, caplog):
     import logging
 
-    from pipeline.config import ConfigError
+    from core.errors import ConfigError
 
     cfg = tiny_config(shards, tmp_path / "run", train__steps=20, train__log_every=5, train__checkpoint_every=20)
     train_worker(cfg, LocalSession(cfg.run_dir, device="cpu"))
@@ -140,7 +140,7 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
 
 
 def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
-    from pipeline.config import ConfigError
+    from core.errors import ConfigError
     from pipeline.launch import check_data
 
     cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=8, train__global_batch_size=32)
@@ -154,7 +154,7 @@ def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
     ("cpc", {"patch_size": 20}, "patch_size=20"),
 ])
 def test_impossible_task_for_the_data_fails_before_ray(shards, tmp_path, task, options, message):
-    from pipeline.config import ConfigError
+    from core.errors import ConfigError
     from pipeline.launch import check_data
 
     cfg = tiny_config(shards, tmp_path / "run", task__name=task)

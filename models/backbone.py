@@ -6,8 +6,9 @@ import difflib
 import timm
 from torch import nn
 
-from pipeline import timm_models  # noqa: F401  (registers sslpipe's own backbones with timm)
-from pipeline.config import ConfigError, ModelConfig
+from core.errors import ConfigError
+from core.options import ModelConfig
+from models import timm_models  # noqa: F401  (registers sslpipe's own backbones with timm)
 
 
 def check_backbone(cfg: ModelConfig) -> None:
