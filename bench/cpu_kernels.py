@@ -40,8 +40,8 @@ def _timed(fn) -> float:
 def build_step(config: str, channels_last: bool, compiled: bool):
     """(one training step on a fixed batch, images per step, FLOPs per step) for the config's task."""
     from pipeline.config import Config
-    from pipeline.data import decoder_for
-    from pipeline.shards import read_manifest
+    from pipeline.data.streaming import decoder_for
+    from pipeline.data.shards import read_manifest
     from pipeline.train import build_task
 
     cfg = Config.load(config, [])
@@ -54,7 +54,7 @@ def build_step(config: str, channels_last: bool, compiled: bool):
     if hasattr(transform, "on_batch"):
         inputs, target = transform.on_batch(images), torch.zeros(batch, dtype=torch.long)
     else:
-        from pipeline.data import collate
+        from pipeline.data.streaming import collate
 
         inputs, target = collate([transform({"image": image, "label": 0}) for image in images])
     if channels_last:

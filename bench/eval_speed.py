@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from eval.linear_probe import linear_probe
     from models.backbone import create_backbone
     from pipeline.config import Config
-    from pipeline.data import decoder_for
-    from pipeline.ingest import write_fashion_mnist
-    from pipeline.shards import MANIFEST, read_manifest, split_urls
+    from pipeline.data.streaming import decoder_for
+    from pipeline.data.ingest import write_fashion_mnist
+    from pipeline.data.shards import MANIFEST, read_manifest, split_urls
 
     if not (Path(args.data) / MANIFEST).is_file():
         write_fashion_mnist(args.data)

@@ -38,7 +38,7 @@ def synthetic_shards(root: Path, size: int, count: int) -> Path:
     """`count` RGB JPEGs of `size` px (smooth colour blobs: JPEG sizes like photos, not like noise)."""
     from PIL import Image
 
-    from pipeline.shards import MANIFEST, Sample, write_manifest, write_split
+    from pipeline.data.shards import MANIFEST, Sample, write_manifest, write_split
 
     if (root / MANIFEST).is_file():
         return root
@@ -116,8 +116,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def loader_rate(cfg: Config, batches: int) -> float:
-    from pipeline.data import decoder_for, train_loader
-    from pipeline.shards import read_manifest, split_urls
+    from pipeline.data.streaming import decoder_for, train_loader
+    from pipeline.data.shards import read_manifest, split_urls
     from pretext.rotation import RotationTransform
 
     manifest = read_manifest(cfg.data.root)
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             settings.append(("bf16 + channels_last + compile", True, True, True))
         cfg = bench_config(data, backbone, size, args.batch_size, args.steps, args.loader_workers, args.compile, device.type,
                            out / f"run-{backbone}-{size}-{time.strftime('%H%M%S')}")
-        from pipeline.data import decoder_for
-        from pipeline.shards import read_manifest
+        from pipeline.data.streaming import decoder_for
+        from pipeline.data.shards import read_manifest
 
         manifest = read_manifest(data)
         task = build_task(cfg, manifest, decoder_for(manifest, "train", size)).to(device)

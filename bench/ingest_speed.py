@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from pipeline.shards import ImageArraySource, Sample, encode_png, write_split
-    from pipeline.sources import find_fashion_mnist, load_fashion_mnist
+    from pipeline.data.shards import ImageArraySource, Sample, encode_png, write_split
+    from pipeline.data.sources import find_fashion_mnist, load_fashion_mnist
 
     images, labels = load_fashion_mnist(find_fashion_mnist(args.src), args.split)
 

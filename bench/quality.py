@@ -72,8 +72,8 @@ BASE_CONFIG = "configs/rotation_fmnist.yaml"  # the backbone the shared baseline
 def step_seconds(cfg: Config, repeats: int = 5) -> float:
     """Median seconds of one training step of one worker (its share of the global batch, its
     threads), on batches made by the task's own transform: what sizes the step budget."""
-    from pipeline.data import collate, decoder_for
-    from pipeline.shards import read_manifest
+    from pipeline.data.streaming import collate, decoder_for
+    from pipeline.data.shards import read_manifest
     from pipeline.train import autocast_factory, build_task
 
     manifest = read_manifest(cfg.data.root)
@@ -231,9 +231,9 @@ def subset_baselines(data_root: str) -> dict[str, float]:
     """Online kNN's horizontal lines: raw pixels and the shared random-init backbone on the online subset."""
     from core.knn import knn_accuracy
     from models.backbone import create_backbone
-    from pipeline.data import decoder_for
+    from pipeline.data.streaming import decoder_for
     from pipeline.online_eval import OnlineKNN
-    from pipeline.shards import read_manifest
+    from pipeline.data.shards import read_manifest
 
     cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
     manifest = read_manifest(data_root)
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {list(TASK_CONFIGS)}")
 
-    from pipeline.ingest import write_fashion_mnist
-    from pipeline.shards import MANIFEST
+    from pipeline.data.ingest import write_fashion_mnist
+    from pipeline.data.shards import MANIFEST
 
     if not (Path(args.data) / MANIFEST).is_file():
         write_fashion_mnist(args.data)

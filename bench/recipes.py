@@ -31,9 +31,9 @@ log = logging.getLogger("sslpipe.bench")
 def pixel_knn(cfg: Config) -> float:
     """kNN top-1 of raw pixels on the online subset, the line every variant must beat."""
     from core.knn import knn_accuracy
-    from pipeline.data import decoder_for
+    from pipeline.data.streaming import decoder_for
     from pipeline.online_eval import OnlineKNN
-    from pipeline.shards import read_manifest
+    from pipeline.data.shards import read_manifest
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, 0)
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; the file has {list(variants)}")
 
-    from pipeline.ingest import write_fashion_mnist
-    from pipeline.shards import MANIFEST
+    from pipeline.data.ingest import write_fashion_mnist
+    from pipeline.data.shards import MANIFEST
 
     if not (Path(args.data) / MANIFEST).is_file():
         write_fashion_mnist(args.data)

@@ -36,8 +36,8 @@ from pipeline.config import Config
 
 def bare_loop_rate(cfg: Config, batch_size: int, steps: int, warmup: int = 5) -> float:
     """Samples/s of a plain training loop on in-memory batches (the floor any pipeline pays)."""
-    from pipeline.data import decoder_for, train_loader
-    from pipeline.shards import read_manifest, split_urls
+    from pipeline.data.streaming import decoder_for, train_loader
+    from pipeline.data.shards import read_manifest, split_urls
     from pipeline.train import build_task
 
     torch.manual_seed(cfg.train.seed)
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from pipeline.ingest import write_fashion_mnist
-    from pipeline.shards import MANIFEST
+    from pipeline.data.ingest import write_fashion_mnist
+    from pipeline.data.shards import MANIFEST
 
     if not (Path(args.data) / MANIFEST).is_file():
         write_fashion_mnist(args.data)

@@ -10,7 +10,7 @@ import torch
 
 from eval.features import Features, extract_features
 from eval.retrieval import ranks_from_scores
-from pipeline.data import BadSamples, ImageDecoder, decoder_for
+from pipeline.data.streaming import BadSamples, ImageDecoder, decoder_for
 from pretext.audio import clip_code
 
 log = logging.getLogger("sslpipe.eval")

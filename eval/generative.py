@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.data import BadSamples, ImageDecoder, eval_loader
+from pipeline.data.streaming import BadSamples, ImageDecoder, eval_loader
 from pretext import TASKS, PretextTask
 
 

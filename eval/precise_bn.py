@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from pipeline.data import BadSamples, eval_loader
+from pipeline.data.streaming import BadSamples, eval_loader
 
 log = logging.getLogger("sslpipe.eval")
 

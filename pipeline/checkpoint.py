@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.storage import is_url
+from pipeline.data.storage import is_url
 
 log = logging.getLogger("sslpipe.checkpoint")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from pipeline.config import EVAL_PROTOCOLS, Config, untrusted_overrides
-from pipeline.storage import is_url
+from pipeline.data.storage import is_url
 
 log = logging.getLogger("sslpipe")
 
@@ -207,10 +207,10 @@ def load_config(args, overrides: list[str]) -> Config:
 
 
 def cmd_data(args) -> int:
-    from pipeline.ingest import write_fashion_mnist, write_image_folder
+    from pipeline.data.ingest import write_fashion_mnist, write_image_folder
 
     if args.source == "verify":
-        from pipeline.verify import summary, verify_dataset
+        from pipeline.data.verify import summary, verify_dataset
 
         reports = verify_dataset(args.root, args.splits)
         print(summary(reports))
@@ -218,16 +218,16 @@ def cmd_data(args) -> int:
     if args.source == "fashion-mnist":
         manifest = write_fashion_mnist(args.out, args.src, args.samples_per_shard, args.workers)
     elif args.source == "digits":
-        from pipeline.ingest import write_digits
+        from pipeline.data.ingest import write_digits
 
         manifest = write_digits(args.out, args.test_fraction, args.seed, args.samples_per_shard, args.workers)
     elif args.source == "video":
-        from pipeline.video import write_video_dataset
+        from pipeline.data.video import write_video_dataset
 
         manifest = write_video_dataset(args.path, args.out, args.fps, args.sample_rate, args.window, args.image_size, args.labels,
                                        args.test_fraction, args.seed, args.workers, args.samples_per_shard)
     elif args.source == "av-synth":
-        from pipeline.av_synth import write_av_synth
+        from pipeline.data.av_synth import write_av_synth
 
         manifest = write_av_synth(args.out, args.clips, args.classes, args.duration, args.fps, args.image_size, args.sample_rate,
                                   args.window, test_fraction=args.test_fraction, seed=args.seed, mp4=args.mp4, mp4_out=args.mp4_out,
@@ -302,9 +302,9 @@ def cmd_tasks() -> None:
 def cmd_demo(args, overrides) -> None:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
-    from pipeline.ingest import write_fashion_mnist
+    from pipeline.data.ingest import write_fashion_mnist
     from pipeline.launch import pretrain
-    from pipeline.shards import MANIFEST
+    from pipeline.data.shards import MANIFEST
 
     start = time.perf_counter()
     cfg = load_config(args, overrides)
@@ -330,9 +330,9 @@ def cmd_demo(args, overrides) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input or configuration (one line at the CLI), not a bug."""
     from pipeline.checkpoint import CheckpointError
-    from pipeline.data import ShardError
+    from pipeline.data.streaming import ShardError
     from pipeline.preemption import Preempted
-    from pipeline.sources import DatasetNotFoundError
+    from pipeline.data.sources import DatasetNotFoundError
 
     # OSError: storage (a remote shard that cannot be read, a full disk), named by our messages.
     return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, Preempted, OSError, KeyError, ValueError

@@ -21,8 +21,8 @@ def first_samples(cfg: Config, count: int) -> list[dict]:
     """The first `count` good samples of the training split, in shard order, decoded as the training
     loader decodes them: {"image": normalized (C, H, W), "label", "key"} (+ "audio", "video", "time"
     for audio-visual data)."""
-    from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, first_decoded
-    from pipeline.shards import read_manifest, split_urls
+    from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, first_decoded
+    from pipeline.data.shards import read_manifest, split_urls
 
     if count < 1:
         raise ValueError(f"count={count}: draw at least one example")
@@ -54,8 +54,8 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
     """Draws `count` training samples through the configured task into the PNG `path`. `task`: one
     already built for this config (else a fresh one is built); `checkpoint`: a run directory or
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
-    from pipeline.data import decoder_for
-    from pipeline.shards import read_manifest
+    from pipeline.data.streaming import decoder_for
+    from pipeline.data.shards import read_manifest
     from pipeline.train import build_task
 
     with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too

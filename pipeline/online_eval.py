@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from core.knn import knn_accuracy
 from pipeline.config import Config
-from pipeline.data import BadSamples, ImageDecoder, check_urls, first_decoded
-from pipeline.shards import split_urls
+from pipeline.data.streaming import BadSamples, ImageDecoder, check_urls, first_decoded
+from pipeline.data.shards import split_urls
 
 
 def labelled_subset(cfg: Config, manifest: dict, split: str, decoder: ImageDecoder, count: int) -> tuple[Tensor, Tensor]:

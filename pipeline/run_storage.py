@@ -3,7 +3,7 @@
 Ray Train's usual multi-node set-up: no file system every node mounts, checkpoints written to a
 bucket from whichever node holds rank 0. Ray Train uploads the checkpoints itself
 (`RunConfig(storage_path=..., storage_filesystem=...)`, the same fsspec filesystem and credentials
-as remote shards: pipeline/storage.py). Everything else a run writes (config.yaml, examples.png,
+as remote shards: pipeline/data/storage.py). Everything else a run writes (config.yaml, examples.png,
 metrics.jsonl/csv, workers/, samples/, training_curves.png, eval/) goes first to a local mirror of
 the run, `$SSLPIPE_CACHE/runs/<hash>-<name>/` on each machine, and is uploaded from there: by rank
 0 at every checkpoint and at the end, by the driver after it draws, by eval after it scores.
@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.storage import display_url, is_url, join_url, storage_options
+from pipeline.data.storage import display_url, is_url, join_url, storage_options
 
 log = logging.getLogger("sslpipe.run_storage")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.shards import Sample, encode_png, write_manifest, write_split
+from pipeline.data.shards import Sample, encode_png, write_manifest, write_split
 
 # Small, asymmetric glyphs (so rotations are distinguishable), one per class.
 GLYPHS = [

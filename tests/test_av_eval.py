@@ -16,7 +16,7 @@ from tests.test_av_tasks import AV_OPTIONS
 
 @pytest.fixture(scope="module")
 def av_data(tmp_path_factory):
-    from pipeline.av_synth import write_av_synth
+    from pipeline.data.av_synth import write_av_synth
 
     root = tmp_path_factory.mktemp("av")
     write_av_synth(root, clips=24, classes=3, duration=2.0, image_size=16, test_fraction=0.25, samples_per_shard=8)
@@ -68,8 +68,8 @@ def test_audio_visual_run_is_evaluated_on_both_modalities_with_retrieval(av_data
     network = timm.create_model(usage["model_name"], **usage["create_model_kwargs"],
                                 pretrained_cfg_overlay=usage["pretrained_cfg_overlay"]).eval()
     frontend = LogMel(**{k: usage["log_mel"][k] for k in ("sample_rate", "n_mels", "window_ms", "hop_ms")})
-    from pipeline.data import decoder_for, first_decoded
-    from pipeline.shards import read_manifest, split_urls
+    from pipeline.data.streaming import decoder_for, first_decoded
+    from pipeline.data.shards import read_manifest, split_urls
 
     manifest = read_manifest(av_data)
     sample = first_decoded(split_urls(av_data, manifest, "test"), decoder_for(manifest, "test", 0), 1)[0]

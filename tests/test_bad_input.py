@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import BadSamples, ImageDecoder, ShardError, eval_loader, train_loader
+from pipeline.data.streaming import BadSamples, ImageDecoder, ShardError, eval_loader, train_loader
 from tests.test_data import png_bytes, write_raw_shard
 
 GOOD = [{"__key__": f"good{i}", "png": png_bytes(), "cls": b"1"} for i in range(6)]
@@ -82,7 +82,7 @@ def cut_at_member(path, keep: int) -> None:
 
 
 def test_shard_ending_cleanly_short_of_its_manifest_count_is_warned_counted_and_kept(tmp_path, caplog):
-    from pipeline.storage import ShardUrl
+    from pipeline.data.storage import ShardUrl
 
     whole = write_raw_shard(tmp_path / "whole.tar", GOOD)
     cut = write_raw_shard(tmp_path / "cut.tar", GOOD)
@@ -103,7 +103,7 @@ def test_shard_ending_cleanly_short_of_its_manifest_count_is_warned_counted_and_
 
 
 def test_training_stream_warns_of_a_short_shard_on_every_pass(tmp_path, caplog):
-    from pipeline.storage import ShardUrl
+    from pipeline.data.storage import ShardUrl
 
     cut = write_raw_shard(tmp_path / "cut.tar", GOOD)
     cut_at_member(cut, 4)
@@ -232,7 +232,7 @@ def test_strict_and_shell_url_flags_set_the_data_config(tmp_path):
 
 
 def test_pipe_urls_refused_without_the_flag_and_run_with_it(tmp_path):
-    from pipeline.data import check_urls
+    from pipeline.data.streaming import check_urls
 
     whole = write_raw_shard(tmp_path / "s.tar", GOOD)
     url = f"pipe:cat {whole}"

@@ -40,7 +40,7 @@ def test_unknown_flag_is_rejected(capsys):
 def test_missing_dataset_message(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    import pipeline.sources as sources
+    import pipeline.data.sources as sources
 
     monkeypatch.setattr(sources, "fashion_mnist_candidates", lambda src: [tmp_path / "a", tmp_path / "b"])
     assert main(["data", "fashion-mnist", "--out", str(tmp_path / "out"), "--src", str(tmp_path / "a")]) == 2
@@ -109,7 +109,7 @@ def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
     from ray.train import WorkerGroupError
 
     from pipeline.cli import one_line, root_cause, user_errors
-    from pipeline.data import ShardError
+    from pipeline.data.streaming import ShardError
 
     original = ShardError("shard s3://bucket/train-000003.tar, key k7: image does not decode")
     task_error = RayTaskError("train_fn", "Traceback (most recent call last):\n  File ...\nShardError: ...", original)

@@ -15,7 +15,7 @@ from PIL import Image
 from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
-from pipeline.data import collate
+from pipeline.data.streaming import collate
 from pipeline.train import autocast_factory
 from pretext.colorization import (
     LUMA,

@@ -13,10 +13,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
-from pipeline.ingest import write_fashion_mnist, write_image_folder
-from pipeline.shards import read_manifest, sha256, split_urls
-from pipeline.sources import DatasetNotFoundError, find_fashion_mnist
+from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.data.ingest import write_fashion_mnist, write_image_folder
+from pipeline.data.shards import read_manifest, sha256, split_urls
+from pipeline.data.sources import DatasetNotFoundError, find_fashion_mnist
 from tests.conftest import synthetic_images
 
 
@@ -219,7 +219,7 @@ def test_shards_are_reproducible_and_carry_no_per_member_pax_headers(tmp_path):
 
 
 def write_fashion_mnist_like(root: Path) -> None:
-    from pipeline.shards import Sample, encode_png, write_split
+    from pipeline.data.shards import Sample, encode_png, write_split
 
     images, labels = synthetic_images(20, 16, seed=3)
     write_split((Sample(f"k{i}", encode_png(im), "png", int(lab)) for i, (im, lab) in enumerate(zip(images, labels))),
@@ -229,7 +229,7 @@ def write_fashion_mnist_like(root: Path) -> None:
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_libpng_fast_path_matches_the_pil_path(mode):
     """8-bit PNGs already in the dataset's mode skip PIL; the tensor must be the one PIL gives."""
-    from pipeline.data import ImageDecoder
+    from pipeline.data.streaming import ImageDecoder
 
     rng = np.random.default_rng(0)
     shape = (12, 12) if mode == "L" else (12, 12, 3)
@@ -254,7 +254,7 @@ def test_libpng_fast_path_matches_the_pil_path(mode):
 
 
 def test_shard_size_gives_small_splits_sixteen_shards_and_caps_large_ones():
-    from pipeline.shards import auto_samples_per_shard
+    from pipeline.data.shards import auto_samples_per_shard
 
     assert [auto_samples_per_shard(n) for n in (1, 10, 300, 1797, 60000, 10_000_000, 0)] == [1, 1, 19, 113, 3750, 5000, 5000]
 
@@ -303,7 +303,7 @@ def test_the_fast_tar_reader_yields_what_webdataset_and_tarfile_yield(fmt):
 
     from webdataset.tariterators import tar_file_iterator
 
-    from pipeline.storage import tar_members
+    from pipeline.data.storage import tar_members
 
     long_dir = "d" * 120 + "/"  # past the 100-byte name field: a GNU long name, a pax path or a ustar prefix
     members = [("s0.png", b"\x89PNG" * 200), ("s0.cls", b"3"), (long_dir + "s1.png", bytes(range(256)) * 3),
@@ -320,7 +320,7 @@ def test_the_fast_tar_reader_fails_and_ends_where_tarfile_does():
     import io
     import tarfile
 
-    from pipeline.storage import tar_members
+    from pipeline.data.storage import tar_members
 
     data = _tar_bytes([("a.bin", b"x" * 1000), ("b.bin", b"y" * 10)], tarfile.GNU_FORMAT)
     with pytest.raises(tarfile.ReadError, match="unexpected end of data"):

@@ -20,9 +20,9 @@ from core.grids import (
     save_panels,
 )
 from pipeline.config import Config
-from pipeline.data import collate, decoder_for
+from pipeline.data.streaming import collate, decoder_for
 from pipeline.examples import EXAMPLES, first_samples, seeded, write_examples
-from pipeline.shards import (
+from pipeline.data.shards import (
     Sample,
     encode_png,
     read_manifest,
@@ -74,7 +74,7 @@ def rgb_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def av_shards(tmp_path_factory):
     """Procedural audio-visual clips (16 px frames, 1 s of 16 kHz audio each) for the AV tasks."""
-    from pipeline.av_synth import write_av_synth
+    from pipeline.data.av_synth import write_av_synth
 
     root = tmp_path_factory.mktemp("av-shards")
     write_av_synth(root, clips=8, classes=2, duration=2.0, image_size=IMAGE_SIZE, test_fraction=0.25, samples_per_shard=4)
@@ -84,7 +84,7 @@ def av_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def video_shards(tmp_path_factory):
     """Procedural clips of 5 frames (3 s at 2 fps) for the temporal tasks, which group 5 frames of a clip."""
-    from pipeline.av_synth import write_av_synth
+    from pipeline.data.av_synth import write_av_synth
 
     root = tmp_path_factory.mktemp("video-shards")
     write_av_synth(root, clips=4, classes=2, duration=3.0, image_size=IMAGE_SIZE, test_fraction=0.25, samples_per_shard=4)

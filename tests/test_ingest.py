@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.ingest import write_fashion_mnist, write_image_folder
-from pipeline.shards import ImageArraySource, Sample, encode_png, write_split
+from pipeline.data.ingest import write_fashion_mnist, write_image_folder
+from pipeline.data.shards import ImageArraySource, Sample, encode_png, write_split
 from tests.conftest import synthetic_images
 
 
@@ -22,7 +22,7 @@ def folder_bytes(root: Path) -> dict[str, bytes]:
 def test_fashion_mnist_with_two_workers_writes_the_same_bytes(tmp_path, fake_fashion_mnist, monkeypatch):
     import multiprocessing
 
-    import pipeline.shards
+    import pipeline.data.shards
 
     pools, real_pool = [], multiprocessing.Pool
 
@@ -30,7 +30,7 @@ def test_fashion_mnist_with_two_workers_writes_the_same_bytes(tmp_path, fake_fas
         pools.append(processes)
         return real_pool(processes, **kwargs)
 
-    monkeypatch.setattr(pipeline.shards.multiprocessing, "Pool", counting_pool)
+    monkeypatch.setattr(pipeline.data.shards.multiprocessing, "Pool", counting_pool)
     one = write_fashion_mnist(tmp_path / "one", src=str(fake_fashion_mnist), samples_per_shard=7).parent
     assert pools == []
     two = write_fashion_mnist(tmp_path / "two", src=str(fake_fashion_mnist), samples_per_shard=7, workers=2).parent
@@ -84,7 +84,7 @@ def test_image_folder_with_two_workers_writes_the_same_bytes_and_names_a_bad_fil
 
 
 def test_av_synth_with_two_workers_writes_the_same_bytes(tmp_path):
-    from pipeline.av_synth import write_av_synth
+    from pipeline.data.av_synth import write_av_synth
 
     args = dict(clips=6, classes=2, duration=2.0, image_size=16, test_fraction=0.34, samples_per_shard=3)
     one = write_av_synth(tmp_path / "one", **args).parent

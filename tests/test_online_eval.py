@@ -13,7 +13,7 @@ from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
 from pipeline.metrics import plot_metrics, read_metrics
 from pipeline.session import LocalSession
-from pipeline.shards import read_manifest, split_urls
+from pipeline.data.shards import read_manifest, split_urls
 from pipeline.train import train_worker
 from tests.test_train import tiny_config
 

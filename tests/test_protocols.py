@@ -90,7 +90,7 @@ def test_digits_shards_are_deterministic_and_a_run_is_scored_on_them_by_transfer
     import json
 
     from eval.evaluate import evaluate
-    from pipeline.ingest import write_digits
+    from pipeline.data.ingest import write_digits
     from tests.test_baseline_cache import tiny_run
 
     monkeypatch.setenv("SSLPIPE_CACHE", str(tmp_path / "cache"))
@@ -108,8 +108,8 @@ def test_digits_shards_are_deterministic_and_a_run_is_scored_on_them_by_transfer
 
 def test_precise_bn_replaces_running_statistics_by_the_train_images_average(shards):
     from eval.precise_bn import recompute_batchnorm
-    from pipeline.data import decoder_for, eval_loader
-    from pipeline.shards import read_manifest, split_urls
+    from pipeline.data.streaming import decoder_for, eval_loader
+    from pipeline.data.shards import read_manifest, split_urls
 
     manifest = read_manifest(shards)
     decoder = decoder_for(manifest, "train", 0)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
-from pipeline.shards import read_manifest, split_urls
+from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.data.shards import read_manifest, split_urls
 
 BUCKET, PREFIX = "ssl-shards", "glyphs/v1"
 

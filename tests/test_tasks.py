@@ -7,7 +7,7 @@ import torch
 from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
-from pipeline.data import collate
+from pipeline.data.streaming import collate
 from pipeline.train import autocast_factory
 from pretext import TASKS, check_task_options, create_task
 from pretext.rotation import Rotation, rotate

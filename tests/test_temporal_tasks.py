@@ -16,17 +16,10 @@ from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.config import Config
-from pipeline.data import (
-    GroupFrames,
-    ShardError,
-    collate,
-    decoder_for,
-    first_decoded,
-    train_loader,
-)
+from pipeline.data.streaming import GroupFrames, ShardError, collate, decoder_for, first_decoded, train_loader
 from pipeline.metrics import read_metrics
 from pipeline.session import LocalSession
-from pipeline.shards import read_manifest, split_urls
+from pipeline.data.shards import read_manifest, split_urls
 from pipeline.train import autocast_factory, build_task, train_worker
 from pretext import create_task
 from pretext.odd_one_out import odd_orders, sum_of_differences
@@ -86,7 +79,7 @@ def frame_numbers(images: torch.Tensor) -> list[int]:
 def video_shards(tmp_path_factory):
     """6 SYNTHETIC clips of 5 frames (3 s at 2 fps, 1 s audio windows) in shards of 4: clips are cut
     between shards."""
-    from pipeline.av_synth import write_av_synth
+    from pipeline.data.av_synth import write_av_synth
 
     root = tmp_path_factory.mktemp("video-shards")
     write_av_synth(root, clips=6, classes=2, duration=3.0, fps=2, image_size=SIZE, test_fraction=0.0, samples_per_shard=4)

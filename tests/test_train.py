@@ -205,7 +205,7 @@ def test_colorization_trains_on_rgb_shards_and_is_evaluated_on_grayscale(tmp_pat
     import numpy as np
 
     from eval.evaluate import checkpoint_decoder, evaluate, load_pretrained
-    from pipeline.shards import Sample, encode_png, write_manifest, write_split
+    from pipeline.data.shards import Sample, encode_png, write_manifest, write_split
     from tests.conftest import synthetic_images
 
     root = tmp_path / "rgb"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 
 from pipeline.cli import main
-from pipeline.verify import verify_dataset
+from pipeline.data.verify import verify_dataset
 from tests.test_bad_input import cut_at_member
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.av_synth import write_av_synth
+from pipeline.data.av_synth import write_av_synth
 from pipeline.cli import main
-from pipeline.data import BadSamples, ImageDecoder, ShardError, decoder_for, eval_loader, train_loader
-from pipeline.shards import encode_wav, read_manifest, split_urls
-from pipeline.video import held_out, write_video_dataset
+from pipeline.data.streaming import BadSamples, ImageDecoder, ShardError, decoder_for, eval_loader, train_loader
+from pipeline.data.shards import encode_wav, read_manifest, split_urls
+from pipeline.data.video import held_out, write_video_dataset
 from tests.test_data import png_bytes, write_raw_shard
 
 RATE = 16000

@@ -15,7 +15,7 @@ synchronization tasks), not only matched in class.
 
 Clips go straight to shards as the very samples `sslpipe data video` makes from a video (frames
 picked every 1/fps s from a video_fps timeline, each with the audio window centred on it; frames whose
-window leaves the clip are skipped: pipeline/video.py), and optionally also as .mp4 files (H.264 and
+window leaves the clip are skipped: pipeline/data/video.py), and optionally also as .mp4 files (H.264 and
 48 kHz stereo AAC, through PyAV) in class folders, to run that ingest end to end.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.shards import Sample, encode_png, write_manifest, write_split
-from pipeline.video import FramePicker, audio_window, av_sample, held_out
+from pipeline.data.shards import Sample, encode_png, write_manifest, write_split
+from pipeline.data.video import FramePicker, audio_window, av_sample, held_out
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "diamond", "bar", "arrow")
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: antialiased edges

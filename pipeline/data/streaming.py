@@ -29,7 +29,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import decode_png
 
-from pipeline.storage import display_url, opens_with_fsspec, read_shards
+from pipeline.data.storage import display_url, opens_with_fsspec, read_shards
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tiff")
 LABEL_EXTS = ("cls", "label")
@@ -383,7 +383,7 @@ class GroupFrames:
     sample {"frames": (T, C, H, W) in time order, "time": (T,) seconds, "video", "label", "key" (the
     first frame's)}, T = `frames`.
 
-    Video shards keep a clip's samples contiguous and in time order (pipeline/video.py, av_synth.py),
+    Video shards keep a clip's samples contiguous and in time order (pipeline/data/video.py, av_synth.py),
     so a run of samples with the same "video" and rising "time" is one clip. A run ends where the
     video changes or time does not rise (another shard, or the same shard again on the next pass),
     so a group never mixes clips. A clip cut by a shard boundary is joined only when the next shard

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.shards import ImageArraySource, Sample, write_manifest, write_split
-from pipeline.sources import FASHION_MNIST_CLASSES, FolderItem, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
+from pipeline.data.shards import ImageArraySource, Sample, write_manifest, write_split
+from pipeline.data.sources import FASHION_MNIST_CLASSES, FolderItem, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
 
 log = logging.getLogger("sslpipe.data")
 
