@@ -26,8 +26,9 @@ from pipeline.config import Config
 
 def augmentation_rates(cfg: Config, count: int = 512) -> dict[str, float]:
     """Samples/s of the task's views, per sample and per batch, one thread (what a loader worker has)."""
-    from pipeline.data.streaming import decoder_for, first_decoded
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import first_decoded
     from pipeline.train import build_task
 
     manifest = read_manifest(cfg.data.root)
@@ -53,8 +54,9 @@ def augmentation_rates(cfg: Config, count: int = 512) -> dict[str, float]:
 
 def loader_rate(cfg: Config, batches: int = 20) -> float:
     """Samples/s the train loader yields (decode, shuffle and the loader-side transform)."""
-    from pipeline.data.streaming import decoder_for, train_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import train_loader
     from pipeline.train import build_task, split_augmentation
 
     manifest = read_manifest(cfg.data.root)

@@ -40,7 +40,7 @@ def _timed(fn) -> float:
 def build_step(config: str, channels_last: bool, compiled: bool):
     """(one training step on a fixed batch, images per step, FLOPs per step) for the config's task."""
     from pipeline.config import Config
-    from pipeline.data.streaming import decoder_for
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
     from pipeline.train import build_task
 

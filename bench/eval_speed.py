@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.linear_probe import linear_probe
     from models.backbone import create_backbone
     from pipeline.config import Config
-    from pipeline.data.streaming import decoder_for
+    from pipeline.data.decode import decoder_for
     from pipeline.data.ingest import write_fashion_mnist
     from pipeline.data.shards import MANIFEST, read_manifest, split_urls
 

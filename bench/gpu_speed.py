@@ -116,8 +116,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def loader_rate(cfg: Config, batches: int) -> float:
-    from pipeline.data.streaming import decoder_for, train_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import train_loader
     from pretext.rotation import RotationTransform
 
     manifest = read_manifest(cfg.data.root)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.append(("bf16 + channels_last + compile", True, True, True))
         cfg = bench_config(data, backbone, size, args.batch_size, args.steps, args.loader_workers, args.compile, device.type,
                            out / f"run-{backbone}-{size}-{time.strftime('%H%M%S')}")
-        from pipeline.data.streaming import decoder_for
+        from pipeline.data.decode import decoder_for
         from pipeline.data.shards import read_manifest
 
         manifest = read_manifest(data)

@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import webdataset as wds
 
-    from pipeline.data.streaming import collate, decoder_for, train_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.ingest import write_fashion_mnist
     from pipeline.data.shards import MANIFEST, read_manifest, split_urls
+    from pipeline.data.streaming import collate, train_loader
     from pipeline.train import build_task
 
     if not (Path(args.data) / MANIFEST).is_file():

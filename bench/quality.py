@@ -72,8 +72,9 @@ BASE_CONFIG = "configs/rotation_fmnist.yaml"  # the backbone the shared baseline
 def step_seconds(cfg: Config, repeats: int = 5) -> float:
     """Median seconds of one training step of one worker (its share of the global batch, its
     threads), on batches made by the task's own transform: what sizes the step budget."""
-    from pipeline.data.streaming import collate, decoder_for
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
+    from pipeline.data.streaming import collate
     from pipeline.train import autocast_factory, build_task
 
     manifest = read_manifest(cfg.data.root)
@@ -231,9 +232,9 @@ def subset_baselines(data_root: str) -> dict[str, float]:
     """Online kNN's horizontal lines: raw pixels and the shared random-init backbone on the online subset."""
     from core.knn import knn_accuracy
     from models.backbone import create_backbone
-    from pipeline.data.streaming import decoder_for
-    from pipeline.online_eval import OnlineKNN
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
+    from pipeline.online_eval import OnlineKNN
 
     cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
     manifest = read_manifest(data_root)

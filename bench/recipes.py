@@ -31,9 +31,9 @@ log = logging.getLogger("sslpipe.bench")
 def pixel_knn(cfg: Config) -> float:
     """kNN top-1 of raw pixels on the online subset, the line every variant must beat."""
     from core.knn import knn_accuracy
-    from pipeline.data.streaming import decoder_for
-    from pipeline.online_eval import OnlineKNN
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
+    from pipeline.online_eval import OnlineKNN
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, 0)

@@ -28,8 +28,9 @@ SAMPLE_COUNTS = {"pixelcnn": 256}
 
 def real_images(data_root: str, split: str, limit: int | None = None) -> torch.Tensor:
     """A split's images as the training decoder delivers them (normalized, native size)."""
-    from pipeline.data.streaming import decoder_for, eval_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import eval_loader
 
     manifest = read_manifest(data_root)
     decoder = decoder_for(manifest, split, 0)

@@ -36,8 +36,9 @@ from pipeline.config import Config
 
 def bare_loop_rate(cfg: Config, batch_size: int, steps: int, warmup: int = 5) -> float:
     """Samples/s of a plain training loop on in-memory batches (the floor any pipeline pays)."""
-    from pipeline.data.streaming import decoder_for, train_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import train_loader
     from pipeline.train import build_task
 
     torch.manual_seed(cfg.train.seed)

@@ -10,7 +10,8 @@ import torch
 
 from eval.features import Features, extract_features
 from eval.retrieval import ranks_from_scores
-from pipeline.data.streaming import BadSamples, ImageDecoder, decoder_for
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.decode import ImageDecoder, decoder_for
 from pretext.audio import clip_code
 
 log = logging.getLogger("sslpipe.eval")

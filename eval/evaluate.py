@@ -25,9 +25,11 @@ from eval.report import write_results
 from models.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
 from pipeline.config import Config, reset_security_switches
-from pipeline.data.streaming import BadSamples, ImageDecoder, check_urls
-from pipeline.run_storage import local_run_dir, push
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.decode import ImageDecoder
 from pipeline.data.shards import read_manifest, split_urls
+from pipeline.data.storage import check_urls
+from pipeline.run_storage import local_run_dir, push
 from pipeline.tracking import log_eval
 
 log = logging.getLogger("sslpipe.eval")

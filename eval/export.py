@@ -17,8 +17,9 @@ from eval.audio_visual import audio_decoder, is_audio_visual
 from eval.embedding import plot_embedding
 from eval.evaluate import checkpoint_decoder, load_pretrained, scored_model
 from eval.features import extract_features
-from pipeline.data.streaming import BadSamples, check_urls
+from pipeline.data.bad_samples import BadSamples
 from pipeline.data.shards import read_manifest, split_urls
+from pipeline.data.storage import check_urls
 
 
 def export_backbone(path: str | Path, out_dir: str | Path) -> Path:

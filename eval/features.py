@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.data.streaming import BadSamples, ImageDecoder, eval_loader
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.decode import ImageDecoder
+from pipeline.data.streaming import eval_loader
 
 log = logging.getLogger("sslpipe.eval")
 

@@ -11,7 +11,8 @@ import logging
 import torch
 from torch import nn
 
-from pipeline.data.streaming import BadSamples, eval_loader
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.streaming import eval_loader
 
 log = logging.getLogger("sslpipe.eval")
 

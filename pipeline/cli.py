@@ -303,8 +303,8 @@ def cmd_demo(args, overrides) -> None:
     from eval.evaluate import evaluate
     from eval.report import markdown_table
     from pipeline.data.ingest import write_fashion_mnist
-    from pipeline.launch import pretrain
     from pipeline.data.shards import MANIFEST
+    from pipeline.launch import pretrain
 
     start = time.perf_counter()
     cfg = load_config(args, overrides)
@@ -330,9 +330,9 @@ def cmd_demo(args, overrides) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input or configuration (one line at the CLI), not a bug."""
     from pipeline.checkpoint import CheckpointError
-    from pipeline.data.streaming import ShardError
-    from pipeline.preemption import Preempted
+    from pipeline.data.bad_samples import ShardError
     from pipeline.data.sources import DatasetNotFoundError
+    from pipeline.preemption import Preempted
 
     # OSError: storage (a remote shard that cannot be read, a full disk), named by our messages.
     return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, Preempted, OSError, KeyError, ValueError

@@ -21,8 +21,11 @@ def first_samples(cfg: Config, count: int) -> list[dict]:
     """The first `count` good samples of the training split, in shard order, decoded as the training
     loader decodes them: {"image": normalized (C, H, W), "label", "key"} (+ "audio", "video", "time"
     for audio-visual data)."""
-    from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, first_decoded
+    from pipeline.data.bad_samples import BadSamples, ShardError
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.storage import check_urls
+    from pipeline.data.streaming import first_decoded
 
     if count < 1:
         raise ValueError(f"count={count}: draw at least one example")
@@ -54,7 +57,7 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
     """Draws `count` training samples through the configured task into the PNG `path`. `task`: one
     already built for this config (else a fresh one is built); `checkpoint`: a run directory or
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
-    from pipeline.data.streaming import decoder_for
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
     from pipeline.train import build_task
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from pipeline.checkpoint import load_valid_checkpoint
 from pipeline.config import Config
+from pipeline.data.storage import display_url, is_url
 from pipeline.examples import write_run_examples
 from pipeline.metrics import plot_metrics
 from pipeline.run_storage import (
@@ -19,7 +20,6 @@ from pipeline.run_storage import (
     ray_storage,
     source_url,
 )
-from pipeline.data.storage import display_url, is_url
 
 log = logging.getLogger("sslpipe.launch")
 
@@ -64,8 +64,9 @@ def check_local_resources(cfg: Config) -> None:
 def check_data(cfg: Config):
     """Every Ray worker needs its own training shards; a shortfall would only show inside the workers.
     Returns the task it built (on the driver: the examples are drawn with it)."""
-    from pipeline.data.streaming import check_urls, decoder_for
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.storage import check_urls
 
     manifest = read_manifest(cfg.data.root)
     urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)

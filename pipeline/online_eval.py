@@ -16,8 +16,11 @@ from torch import Tensor, nn
 
 from core.knn import knn_accuracy
 from pipeline.config import Config
-from pipeline.data.streaming import BadSamples, ImageDecoder, check_urls, first_decoded
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.decode import ImageDecoder
 from pipeline.data.shards import split_urls
+from pipeline.data.storage import check_urls
+from pipeline.data.streaming import first_decoded
 
 
 def labelled_subset(cfg: Config, manifest: dict, split: str, decoder: ImageDecoder, count: int) -> tuple[Tensor, Tensor]:

@@ -17,13 +17,16 @@ from core.errors import ConfigError
 from models.backbone import create_backbone
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config
-from pipeline.data.streaming import BadSamples, check_urls, decoder_for, train_loader
+from pipeline.data.bad_samples import BadSamples
+from pipeline.data.decode import decoder_for
+from pipeline.data.shards import read_manifest, split_urls
+from pipeline.data.storage import check_urls
+from pipeline.data.streaming import train_loader
 from pipeline.metrics import MetricsLog, memory_mb
 from pipeline.online_eval import OnlineKNN
 from pipeline.preemption import Preempted, PreemptionMonitor, training
 from pipeline.run_storage import local_run_dir, pull, push
 from pipeline.schedules import warmup_cosine
-from pipeline.data.shards import read_manifest, split_urls
 from pipeline.sync_batchnorm import convert_sync_batchnorm
 from pipeline.tracking import open_trackers
 from pretext import create_task, task_class

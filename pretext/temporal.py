@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.streaming import GroupFrames
+from pipeline.data.frames import GroupFrames
 
 
 def clip_frames(sample: dict, count: int, task: str) -> Tensor:

@@ -68,8 +68,9 @@ def test_audio_visual_run_is_evaluated_on_both_modalities_with_retrieval(av_data
     network = timm.create_model(usage["model_name"], **usage["create_model_kwargs"],
                                 pretrained_cfg_overlay=usage["pretrained_cfg_overlay"]).eval()
     frontend = LogMel(**{k: usage["log_mel"][k] for k in ("sample_rate", "n_mels", "window_ms", "hop_ms")})
-    from pipeline.data.streaming import decoder_for, first_decoded
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import first_decoded
 
     manifest = read_manifest(av_data)
     sample = first_decoded(split_urls(av_data, manifest, "test"), decoder_for(manifest, "test", 0), 1)[0]

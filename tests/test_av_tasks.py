@@ -19,7 +19,8 @@ from core.grids import CELL
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.config import Config
-from pipeline.data.streaming import ImageDecoder, collate
+from pipeline.data.decode import ImageDecoder
+from pipeline.data.streaming import collate
 from pipeline.train import autocast_factory, build_task
 from pretext import create_task
 from pretext.audio import (

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.streaming import BadSamples, ImageDecoder, ShardError, eval_loader, train_loader
+from pipeline.data.bad_samples import BadSamples, ShardError
+from pipeline.data.decode import ImageDecoder
+from pipeline.data.streaming import eval_loader, train_loader
 from tests.test_data import png_bytes, write_raw_shard
 
 GOOD = [{"__key__": f"good{i}", "png": png_bytes(), "cls": b"1"} for i in range(6)]
@@ -183,7 +185,11 @@ def test_cmyk_jpeg_is_converted_to_rgb():
 # ---- Checkpoints -----------------------------------------------------------------------------
 
 def test_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(shards, tmp_path, caplog):
-    from pipeline.checkpoint import CheckpointError, load_checkpoint, load_valid_checkpoint
+    from pipeline.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        load_valid_checkpoint,
+    )
     from pipeline.metrics import read_metrics
     from pipeline.session import LocalSession
     from pipeline.train import train_worker
@@ -232,7 +238,7 @@ def test_strict_and_shell_url_flags_set_the_data_config(tmp_path):
 
 
 def test_pipe_urls_refused_without_the_flag_and_run_with_it(tmp_path):
-    from pipeline.data.streaming import check_urls
+    from pipeline.data.storage import check_urls
 
     whole = write_raw_shard(tmp_path / "s.tar", GOOD)
     url = f"pipe:cat {whole}"

@@ -109,7 +109,7 @@ def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
     from ray.train import WorkerGroupError
 
     from pipeline.cli import one_line, root_cause, user_errors
-    from pipeline.data.streaming import ShardError
+    from pipeline.data.bad_samples import ShardError
 
     original = ShardError("shard s3://bucket/train-000003.tar, key k7: image does not decode")
     task_error = RayTaskError("train_fn", "Traceback (most recent call last):\n  File ...\nShardError: ...", original)
@@ -119,7 +119,7 @@ def test_errors_from_ray_workers_are_unwrapped_to_the_sslpipe_error():
     assert root_cause(RuntimeError("a bug"), user_errors()) is None  # bugs keep their traceback
     # How a DataLoader worker's error arrives (torch re-raises the class with the trace as message).
     wrapped = ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                         '  File "x.py", line 1, in f\npipeline.data.ShardError: shard a.tar, key b: bad\n')
+                         '  File "x.py", line 1, in f\npipeline.data.bad_samples.ShardError: shard a.tar, key b: bad\n')
     assert one_line(wrapped) == "shard a.tar, key b: bad"
 
 

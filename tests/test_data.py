@@ -13,10 +13,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.data.bad_samples import BadSamples, ShardError
+from pipeline.data.decode import decoder_for
 from pipeline.data.ingest import write_fashion_mnist, write_image_folder
 from pipeline.data.shards import read_manifest, sha256, split_urls
 from pipeline.data.sources import DatasetNotFoundError, find_fashion_mnist
+from pipeline.data.storage import check_urls
+from pipeline.data.streaming import eval_loader, train_loader
 from tests.conftest import synthetic_images
 
 
@@ -229,7 +232,7 @@ def write_fashion_mnist_like(root: Path) -> None:
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_libpng_fast_path_matches_the_pil_path(mode):
     """8-bit PNGs already in the dataset's mode skip PIL; the tensor must be the one PIL gives."""
-    from pipeline.data.streaming import ImageDecoder
+    from pipeline.data.decode import ImageDecoder
 
     rng = np.random.default_rng(0)
     shape = (12, 12) if mode == "L" else (12, 12, 3)

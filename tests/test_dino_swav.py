@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# pipeline.data.collate is this; importing pipeline.data would slow the start of the gloo workers.
+# pipeline.data.streaming.collate is this; importing pipeline.data.streaming would slow the start of the gloo workers.
 from torch.utils.data import default_collate as collate
 
 from core.options import OptimConfig

@@ -20,8 +20,7 @@ from core.grids import (
     save_panels,
 )
 from pipeline.config import Config
-from pipeline.data.streaming import collate, decoder_for
-from pipeline.examples import EXAMPLES, first_samples, seeded, write_examples
+from pipeline.data.decode import decoder_for
 from pipeline.data.shards import (
     Sample,
     encode_png,
@@ -29,6 +28,8 @@ from pipeline.data.shards import (
     write_manifest,
     write_split,
 )
+from pipeline.data.streaming import collate
+from pipeline.examples import EXAMPLES, first_samples, seeded, write_examples
 from pipeline.train import build_task
 from pretext import TASKS
 from pretext.colorization import lab_to_rgb, rgb_to_lab

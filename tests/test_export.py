@@ -37,8 +37,9 @@ def test_export_features_and_weights_that_timm_loads(shards, tmp_path):
     assert features.shape == (96, model.num_features) and features.dtype == np.float32
     assert keys == sorted(keys) and len(set(keys)) == 96 and labels.shape == (96,)
     # The exported features are the loaded timm model's own pooled features on the same inputs.
-    from pipeline.data.streaming import decoder_for, eval_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import eval_loader
 
     manifest = read_manifest(shards)
     images, _, batch_keys = next(iter(eval_loader(split_urls(shards, manifest, "train")[:1], 0, 1, decoder_for(manifest, "train", 0), 16, 0)))

@@ -220,7 +220,7 @@ def test_a_manifest_listing_a_missing_shard_fails_before_ray_starts(shards, tmp_
     import shutil
 
     from pipeline import launch
-    from pipeline.data.streaming import ShardError
+    from pipeline.data.bad_samples import ShardError
 
     data = tmp_path / "data"
     shutil.copytree(shards, data)

@@ -11,9 +11,9 @@ from core.errors import ConfigError
 from core.knn import knn_accuracy
 from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
+from pipeline.data.shards import read_manifest, split_urls
 from pipeline.metrics import plot_metrics, read_metrics
 from pipeline.session import LocalSession
-from pipeline.data.shards import read_manifest, split_urls
 from pipeline.train import train_worker
 from tests.test_train import tiny_config
 

@@ -108,8 +108,9 @@ def test_digits_shards_are_deterministic_and_a_run_is_scored_on_them_by_transfer
 
 def test_precise_bn_replaces_running_statistics_by_the_train_images_average(shards):
     from eval.precise_bn import recompute_batchnorm
-    from pipeline.data.streaming import decoder_for, eval_loader
+    from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
+    from pipeline.data.streaming import eval_loader
 
     manifest = read_manifest(shards)
     decoder = decoder_for(manifest, "train", 0)

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.streaming import BadSamples, ShardError, check_urls, decoder_for, eval_loader, train_loader
+from pipeline.data.bad_samples import BadSamples, ShardError
+from pipeline.data.decode import decoder_for
 from pipeline.data.shards import read_manifest, split_urls
+from pipeline.data.storage import check_urls
+from pipeline.data.streaming import eval_loader, train_loader
 
 BUCKET, PREFIX = "ssl-shards", "glyphs/v1"
 

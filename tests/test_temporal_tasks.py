@@ -16,10 +16,13 @@ from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.config import Config
-from pipeline.data.streaming import GroupFrames, ShardError, collate, decoder_for, first_decoded, train_loader
+from pipeline.data.bad_samples import ShardError
+from pipeline.data.decode import decoder_for
+from pipeline.data.frames import GroupFrames
+from pipeline.data.shards import read_manifest, split_urls
+from pipeline.data.streaming import collate, first_decoded, train_loader
 from pipeline.metrics import read_metrics
 from pipeline.session import LocalSession
-from pipeline.data.shards import read_manifest, split_urls
 from pipeline.train import autocast_factory, build_task, train_worker
 from pretext import create_task
 from pretext.odd_one_out import odd_orders, sum_of_differences

@@ -13,10 +13,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.data.av_synth import write_av_synth
 from pipeline.cli import main
-from pipeline.data.streaming import BadSamples, ImageDecoder, ShardError, decoder_for, eval_loader, train_loader
+from pipeline.data.av_synth import write_av_synth
+from pipeline.data.bad_samples import BadSamples, ShardError
+from pipeline.data.decode import ImageDecoder, decoder_for
 from pipeline.data.shards import encode_wav, read_manifest, split_urls
+from pipeline.data.streaming import eval_loader, train_loader
 from pipeline.data.video import held_out, write_video_dataset
 from tests.test_data import png_bytes, write_raw_shard
 

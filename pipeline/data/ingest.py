@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.data.shards import ImageArraySource, Sample, write_manifest, write_split
-from pipeline.data.sources import FASHION_MNIST_CLASSES, FolderItem, find_fashion_mnist, iter_folder_bytes, load_fashion_mnist, scan_image_folder
+from pipeline.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FolderItem,
+    find_fashion_mnist,
+    iter_folder_bytes,
+    load_fashion_mnist,
+    scan_image_folder,
+)
 
 log = logging.getLogger("sslpipe.data")
 

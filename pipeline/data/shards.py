@@ -16,9 +16,19 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import webdataset as wds
 from PIL import Image
-
-from pipeline.data.storage import MANIFEST, ShardUrl, describe_error, display_url, is_url, join_url, manifest_location, open_url
 from tqdm import tqdm
+
+from pipeline.data.audio import AUDIO_EXTS, decode_audio
+from pipeline.data.storage import (
+    MANIFEST,
+    ShardUrl,
+    describe_error,
+    display_url,
+    is_url,
+    join_url,
+    manifest_location,
+    open_url,
+)
 
 
 @dataclass
@@ -267,8 +277,6 @@ def write_split(
 
 def check_audio(sample: Sample, audio: dict) -> None:
     """Decodes the sample's audio entry as the loader will: a bad one fails the write, named."""
-    from pipeline.data.streaming import AUDIO_EXTS, decode_audio  # lazy: data.py imports torch
-
     ext = next((ext for ext in AUDIO_EXTS if ext in sample.extra), None)
     where = f"sample {sample.key!r}{f' ({sample.source})' if sample.source else ''}"
     if ext is None:

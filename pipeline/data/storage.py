@@ -17,6 +17,8 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline.data.bad_samples import ShardError
+
 MANIFEST = "manifest.json"
 
 # Remote storage. Everything with "scheme://" is a URL (joined with "/", never through Path, which
@@ -318,3 +320,25 @@ def shard_samples(sources: Iterable[dict], handler: Callable[[Exception], bool] 
 
 
 read_shards = wds.pipelinefilter(shard_samples)
+
+
+def check_urls(urls: list[str], allow_shell_urls: bool = False) -> list[str]:
+    """Checks without touching the network: local shards exist, `pipe:` is allowed, and fsspec
+    knows each URL's protocol (its package, e.g. s3fs for s3://, is installed)."""
+    if not urls:
+        raise ShardError("the shard list is empty")
+    protocols = set()
+    for url in urls:
+        if url.lower().startswith("pipe:") and not allow_shell_urls:
+            raise ShardError(f"shard URL {url!r} runs a shell command; pass --allow-shell-urls (data.allow_shell_urls=true) to allow it")
+        if opens_with_fsspec(url):
+            protocol = url.split("://", 1)[0].lower()
+            if protocol not in protocols:
+                try:
+                    fsspec.get_filesystem_class(protocol)
+                except (ValueError, ImportError) as err:
+                    raise ShardError(f"shard {display_url(url)!r}: cannot read {protocol}:// URLs ({err})") from None
+                protocols.add(protocol)
+        elif "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+            raise ShardError(f"shard {url!r} does not exist")
+    return urls

@@ -12,9 +12,17 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
-from pipeline.data.streaming import ImageDecoder, ShardError, decoder_for
+from pipeline.data.bad_samples import ShardError
+from pipeline.data.decode import ImageDecoder, decoder_for
 from pipeline.data.shards import read_manifest, split_urls
-from pipeline.data.storage import describe_error, display_url, is_url, open_url, opens_with_fsspec, tar_expander
+from pipeline.data.storage import (
+    describe_error,
+    display_url,
+    is_url,
+    open_url,
+    opens_with_fsspec,
+    tar_expander,
+)
 
 log = logging.getLogger("sslpipe.data")
 

@@ -33,7 +33,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.shards import Sample, encode_png, encode_wav, write_manifest, write_split
+from pipeline.data.shards import (
+    Sample,
+    encode_png,
+    encode_wav,
+    write_manifest,
+    write_split,
+)
 
 log = logging.getLogger("sslpipe.data")
 
