@@ -29,7 +29,7 @@ def augmentation_rates(cfg: Config, count: int = 512) -> dict[str, float]:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import first_decoded
-    from pipeline.train import build_task
+    from pipeline.train.loop import build_task
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
@@ -57,7 +57,7 @@ def loader_rate(cfg: Config, batches: int = 20) -> float:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import train_loader
-    from pipeline.train import build_task, split_augmentation
+    from pipeline.train.loop import build_task, split_augmentation
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
@@ -73,8 +73,8 @@ def loader_rate(cfg: Config, batches: int = 20) -> float:
 
 
 def training_rate(cfg: Config) -> float:
-    from pipeline.launch import pretrain_local
-    from pipeline.metrics import read_metrics
+    from pipeline.train.launch import pretrain_local
+    from pipeline.train.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run_dir = str(Path(tmp) / "run")

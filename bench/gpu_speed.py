@@ -87,7 +87,7 @@ def flops_per_image(task, size: int, device: torch.device) -> float:
 def bare_rate(task, size: int, batch: int, steps: int, device: torch.device, amp: bool, channels_last: bool,
               compile_model: bool, warmup: int = 10) -> float:
     """Images/s of forward/backward/step on random tensors resident on the device."""
-    from pipeline.train import autocast_factory
+    from pipeline.train.loop import autocast_factory
 
     task = task.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     forward = torch.compile(task) if compile_model else task
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-gpu-speed")
     args = parser.parse_args(argv)
 
-    from pipeline.launch import pretrain_local
-    from pipeline.metrics import read_metrics
-    from pipeline.train import build_task
+    from pipeline.train.launch import pretrain_local
+    from pipeline.train.loop import build_task
+    from pipeline.train.metrics import read_metrics
 
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -75,7 +75,7 @@ def step_seconds(cfg: Config, repeats: int = 5) -> float:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
     from pipeline.data.streaming import collate
-    from pipeline.train import autocast_factory, build_task
+    from pipeline.train.loop import autocast_factory, build_task
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
@@ -115,8 +115,8 @@ def training_seconds(rows: list[dict]) -> list[float]:
 
 def run_task(name: str, data_root: str, budget_s: float, out: Path, baselines: list[str], online_points: int = 0) -> dict:
     from eval.evaluate import evaluate
-    from pipeline.launch import check_data, pretrain
-    from pipeline.metrics import read_metrics
+    from pipeline.train.launch import check_data, pretrain
+    from pipeline.train.metrics import read_metrics
 
     run_dir = out / name
     plan_file = run_dir / "bench_plan.json"
@@ -234,7 +234,7 @@ def subset_baselines(data_root: str) -> dict[str, float]:
     from models.backbone import create_backbone
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
-    from pipeline.online_eval import OnlineKNN
+    from pipeline.train.online_eval import OnlineKNN
 
     cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
     manifest = read_manifest(data_root)

@@ -33,7 +33,7 @@ def pixel_knn(cfg: Config) -> float:
     from core.knn import knn_accuracy
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
-    from pipeline.online_eval import OnlineKNN
+    from pipeline.train.online_eval import OnlineKNN
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, 0)
@@ -44,8 +44,8 @@ def pixel_knn(cfg: Config) -> float:
 
 
 def run_variant(name: str, spec: dict, data_root: str, out: Path) -> dict:
-    from pipeline.launch import pretrain_local
-    from pipeline.metrics import read_metrics
+    from pipeline.train.launch import pretrain_local
+    from pipeline.train.metrics import read_metrics
 
     run_dir = out / name
     if run_dir.exists():

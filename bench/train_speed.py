@@ -39,7 +39,7 @@ def bare_loop_rate(cfg: Config, batch_size: int, steps: int, warmup: int = 5) ->
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import train_loader
-    from pipeline.train import build_task
+    from pipeline.train.loop import build_task
 
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.root)
@@ -63,7 +63,7 @@ def bare_loop_rate(cfg: Config, batch_size: int, steps: int, warmup: int = 5) ->
 
 def logged_rate(run_dir: Path, global_batch: int) -> float:
     """Samples/s between the first and last metrics rows (the first window, warm-up, left out)."""
-    from pipeline.metrics import read_metrics
+    from pipeline.train.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     first, last = rows[0], rows[-1]
@@ -79,14 +79,14 @@ def run_config(base: Config, out: Path, name: str, workers: int, batch: int, ste
 
 
 def pipeline_local_rate(cfg: Config) -> float:
-    from pipeline.launch import pretrain_local
+    from pipeline.train.launch import pretrain_local
 
     return logged_rate(pretrain_local(cfg), cfg.train.global_batch_size)
 
 
 def pipeline_ray_rate(cfg: Config) -> tuple[float, list[dict]]:
-    from pipeline.launch import pretrain
-    from pipeline.metrics import read_metrics
+    from pipeline.train.launch import pretrain
+    from pipeline.train.metrics import read_metrics
 
     run_dir = pretrain(cfg)
     return logged_rate(run_dir, cfg.train.global_batch_size), read_metrics(run_dir)

@@ -27,7 +27,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipeline.run_storage import cache_root
+from pipeline.train.run_storage import cache_root
 
 log = logging.getLogger("sslpipe.eval")
 

@@ -23,14 +23,18 @@ from eval.per_layer import PooledStages, plot_per_layer
 from eval.precise_bn import recompute_batchnorm
 from eval.report import write_results
 from models.backbone import create_backbone
-from pipeline.checkpoint import CheckpointError, encoder_state, load_valid_checkpoint
 from pipeline.config import Config, reset_security_switches
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import ImageDecoder
 from pipeline.data.shards import read_manifest, split_urls
 from pipeline.data.storage import check_urls
-from pipeline.run_storage import local_run_dir, push
-from pipeline.tracking import log_eval
+from pipeline.train.checkpoint import (
+    CheckpointError,
+    encoder_state,
+    load_valid_checkpoint,
+)
+from pipeline.train.run_storage import local_run_dir, push
+from pipeline.train.tracking import log_eval
 
 log = logging.getLogger("sslpipe.eval")
 
@@ -212,7 +216,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         rows.update(audio_visual.pop("rows"))
         results["audio_visual"] = audio_visual
         results["seconds"] = round(time.perf_counter() - start, 1)
-    # A run on object storage: eval/ in its local mirror, uploaded below (pipeline/run_storage.py).
+    # A run on object storage: eval/ in its local mirror, uploaded below (pipeline/train/run_storage.py).
     out = Path(out_dir) if out_dir else local_run_dir(cfg.run_dir) / "eval"
     if task is not None and task.likelihood_kind is not None:
         results["generative"] = test_log_likelihood(task, splits[cfg.data.test_split], checkpoint_decoder(state, require_label=False),

@@ -25,8 +25,8 @@ def needs_task(task_name: str) -> bool:
 
 def load_task(state: dict, cfg) -> PretextTask:
     """The checkpoint's whole task (backbone, heads, decoder or generator) with its weights."""
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.train import build_task
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.loop import build_task
 
     info = state["manifest"]
     decoder = ImageDecoder(info["mode"], info["image_size"], info["mean"], info["std"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from eval.report import ROW_NAMES
-from pipeline.metrics import read_metrics
+from pipeline.train.metrics import read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_IMAGES = ("training_curves.png", "eval/results.png", "eval/embedding.png", "eval/per_layer.png", "eval/samples.png")
@@ -49,7 +49,7 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A run directory's config.yaml, metrics.jsonl and eval/results.json (a URL run's: fetched into
     its local mirror); errors name the file."""
-    from pipeline.run_storage import fetch_run
+    from pipeline.train.run_storage import fetch_run
 
     path = fetch_run(path)  # a URL run's files in its local mirror; a local run as it is
     if not path.is_dir():

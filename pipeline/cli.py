@@ -183,7 +183,7 @@ def add_scaling_flags(parser: argparse.ArgumentParser) -> None:
 def load_config(args, overrides: list[str]) -> Config:
     path = args.config
     if getattr(args, "resume", None) and not path:
-        from pipeline.run_storage import fetch_run
+        from pipeline.train.run_storage import fetch_run
 
         path = fetch_run(args.resume) / "config.yaml"  # a URL run's: fetched into its local mirror
     flags = []
@@ -239,7 +239,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_pretrain(args, overrides) -> Path:
-    from pipeline.launch import pretrain, pretrain_local
+    from pipeline.train.launch import pretrain, pretrain_local
 
     cfg = load_config(args, overrides)
     if args.local:
@@ -249,7 +249,7 @@ def cmd_pretrain(args, overrides) -> Path:
 
 def cmd_examples(args, overrides) -> None:
     from models.backbone import check_backbone
-    from pipeline.examples import write_examples
+    from pipeline.train.examples import write_examples
 
     cfg = Config.load(args.config, [*overrides, *(f"data.{key}=true" for key in input_overrides(args))])
     check_backbone(cfg.model)
@@ -304,7 +304,7 @@ def cmd_demo(args, overrides) -> None:
     from eval.report import markdown_table
     from pipeline.data.ingest import write_fashion_mnist
     from pipeline.data.shards import MANIFEST
-    from pipeline.launch import pretrain
+    from pipeline.train.launch import pretrain
 
     start = time.perf_counter()
     cfg = load_config(args, overrides)
@@ -329,10 +329,10 @@ def cmd_demo(args, overrides) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean bad input or configuration (one line at the CLI), not a bug."""
-    from pipeline.checkpoint import CheckpointError
     from pipeline.data.bad_samples import ShardError
     from pipeline.data.sources import DatasetNotFoundError
-    from pipeline.preemption import Preempted
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.preemption import Preempted
 
     # OSError: storage (a remote shard that cannot be read, a full disk), named by our messages.
     return ConfigError, DatasetNotFoundError, ShardError, CheckpointError, Preempted, OSError, KeyError, ValueError

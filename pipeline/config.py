@@ -61,7 +61,7 @@ class TrainConfig:
     # layout reorders (bench/cpu_kernels.py: 1.19x the demo's training step, 1.42x rotation's on 2 cores).
     channels_last: bool = True
     compile: bool = False  # torch.compile the backbone (in place: checkpoint keys stay the same)
-    sync_batchnorm: bool = False  # batch-norm statistics over the global batch with >1 worker (pipeline/sync_batchnorm.py)
+    sync_batchnorm: bool = False  # batch-norm statistics over the global batch with >1 worker (pipeline/train/sync_batchnorm.py)
     seed: int = 0
     resume_from: str = ""  # checkpoint (file or directory) to start from; set by `sslpipe pretrain --resume`
     # On resume with more train.steps than the run had (extending it): "continue" keeps the run's
@@ -69,7 +69,7 @@ class TrainConfig:
     # cosine over the added steps from optim.lr (a new --optim.lr applies only with "restart").
     resume_schedule: Literal["continue", "restart"] = "continue"
     # Steps between asks whether Ray is draining one of the run's nodes (a preemption notice with a
-    # deadline: one checkpoint then); 0: never. SIGTERM is seen at every step (pipeline/preemption.py).
+    # deadline: one checkpoint then); 0: never. SIGTERM is seen at every step (pipeline/train/preemption.py).
     preemption_poll_every: int = 10
 
 
@@ -133,7 +133,7 @@ class EvalConfig:
     # many unaugmented train images (precise BN, eval/precise_bn.py): the running averages of
     # pretraining describe augmented views, not the whole images eval scores. 0: as trained.
     precise_bn: int = 0
-    # Online kNN during pretraining (rank 0, pipeline/online_eval.py): every online_every steps
+    # Online kNN during pretraining (rank 0, pipeline/train/online_eval.py): every online_every steps
     # (0: off), kNN k=knn_k[0] with the first online_bank train samples as the bank and the first
     # online_queries test samples as queries; logged as online_knn in every metrics sink.
     online_every: int = 0
@@ -392,7 +392,7 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.tracking.mlflow_uri:
         if not cfg.tracking.mlflow_experiment:
             raise ConfigError("tracking.mlflow_experiment must name an experiment when tracking.mlflow_uri is set")
-        from pipeline.tracking import (
+        from pipeline.train.tracking import (
             require_mlflow,  # here: only runs that log to MLflow need it
         )
 

@@ -10,9 +10,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from core.errors import ConfigError
-from pipeline.metrics import read_metrics
-from pipeline.session import LocalSession
-from pipeline.train import train_worker
+from pipeline.train.loop import train_worker
+from pipeline.train.metrics import read_metrics
+from pipeline.train.session import LocalSession
 from pretext.augment import MultiCrop, TwoViews, ViewAugment
 from tests.test_train import tiny_config
 
@@ -126,7 +126,7 @@ def test_fresh_device_views_of_a_fixed_batch_are_learnable(name):
     step by `on_batch`, as the training loop does with data.augment_on=device. (InfoNCE on the
     tiny backbone needs far more than 20 steps of fresh views, per sample or per batch alike.)"""
     from core.options import OptimConfig
-    from pipeline.train import autocast_factory
+    from pipeline.train.loop import autocast_factory
     from tests.test_tasks import make_task, sample_dicts
 
     task = make_task(name)

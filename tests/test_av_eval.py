@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config
-from pipeline.session import LocalSession
-from pipeline.train import train_worker
+from pipeline.train.loop import train_worker
+from pipeline.train.session import LocalSession
 from tests.conftest import TINY_BACKBONE
 from tests.test_av_tasks import AV_OPTIONS
 

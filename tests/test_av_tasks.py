@@ -21,7 +21,7 @@ from models.backbone import create_backbone
 from pipeline.config import Config
 from pipeline.data.decode import ImageDecoder
 from pipeline.data.streaming import collate
-from pipeline.train import autocast_factory, build_task
+from pipeline.train.loop import autocast_factory, build_task
 from pretext import create_task
 from pretext.audio import (
     AudioVisualPair,
@@ -298,7 +298,7 @@ def _config(name: str, **options) -> Config:
 
 @pytest.mark.parametrize("name", AV_TASKS)
 def test_tasks_build_through_the_pipeline_and_record_the_audio_network(name):
-    from pipeline.checkpoint import encoder_state
+    from pipeline.train.checkpoint import encoder_state
 
     decoder = ImageDecoder("RGB", AV_SIZE, [0.5] * 3, [0.25] * 3)
     task = build_task(_config(name, sample_rate=8000, n_mels=40), {"channels": 3}, decoder)

@@ -185,14 +185,14 @@ def test_cmyk_jpeg_is_converted_to_rgb():
 # ---- Checkpoints -----------------------------------------------------------------------------
 
 def test_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(shards, tmp_path, caplog):
-    from pipeline.checkpoint import (
+    from pipeline.train.checkpoint import (
         CheckpointError,
         load_checkpoint,
         load_valid_checkpoint,
     )
-    from pipeline.metrics import read_metrics
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.metrics import read_metrics
+    from pipeline.train.session import LocalSession
     from tests.test_train import tiny_config
 
     cfg = tiny_config(shards, tmp_path / "run", train__steps=20, train__checkpoint_every=10, train__log_every=10)
@@ -215,7 +215,7 @@ def test_corrupted_latest_checkpoint_is_named_and_the_previous_one_used(shards, 
 
 
 def test_no_readable_checkpoint_lists_every_file(tmp_path):
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.train.checkpoint import CheckpointError, load_checkpoint
 
     for step in (10, 20):
         folder = tmp_path / "checkpoints" / f"step_{step:08d}"
@@ -254,8 +254,8 @@ def test_eval_strict_flag_raises_on_a_bad_sample_the_default_skips(shards, tmp_p
     import shutil
 
     from pipeline.cli import main
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
     from tests.test_train import tiny_config
 
     data = tmp_path / "data"
@@ -278,8 +278,8 @@ def test_eval_of_a_dataset_with_a_truncated_test_shard_records_the_shortfall(sha
     import shutil
 
     from pipeline.cli import main
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
     from tests.test_train import tiny_config
 
     data = tmp_path / "data"
@@ -333,8 +333,8 @@ def test_a_checkpoint_cannot_switch_shell_urls_on(shards, tmp_path, monkeypatch)
     from eval.evaluate import evaluate
     from eval.export import export_features
     from pipeline.cli import main
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
     from tests.test_train import tiny_config
 
     monkeypatch.chdir(tmp_path)

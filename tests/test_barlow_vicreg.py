@@ -228,7 +228,7 @@ def test_vicreg_twenty_steps_lower_the_loss_with_an_expander_narrower_than_the_b
     dimensions than samples the covariance cannot vanish, and at 32 samples and D = 1024 even free
     embeddings bottom out at a loss of about 16 of the initial 25."""
     from core.options import OptimConfig
-    from pipeline.train import autocast_factory
+    from pipeline.train.loop import autocast_factory
     from tests.test_tasks import fixed_batch, make_task
 
     task = make_task("vicreg", proj_dim=16, proj_hidden=[256, 256])

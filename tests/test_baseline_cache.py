@@ -11,7 +11,7 @@ from eval.baseline_cache import baseline_key, entry_path, load_row, store_row
 from eval.evaluate import checkpoint_decoder, evaluate
 from pipeline.config import Config
 from pipeline.data.shards import read_manifest
-from pipeline.launch import pretrain_local
+from pipeline.train.launch import pretrain_local
 from tests.conftest import write_synthetic_shards
 
 

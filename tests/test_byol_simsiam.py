@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from core.options import OptimConfig
-from pipeline.train import autocast_factory
+from pipeline.train.loop import autocast_factory
 from pretext.byol import byol_loss, normalized_mse
 from pretext.simsiam import output_std, simsiam_loss
 from tests.test_tasks import fixed_batch, make_task

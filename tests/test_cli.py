@@ -84,8 +84,8 @@ def test_strict_eval_of_a_bad_sample_in_a_loader_worker_prints_one_line_and_debu
     the user sees one line naming shard and key, and the traceback only with --debug."""
     import shutil
 
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
     from tests.test_bad_input import GOOD
     from tests.test_data import write_raw_shard
     from tests.test_train import tiny_config

@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.data.streaming import collate
-from pipeline.train import autocast_factory
+from pipeline.train.loop import autocast_factory
 from pretext.colorization import (
     LUMA,
     Colorization,

@@ -67,7 +67,7 @@ def test_more_workers_than_cpus_fails_before_ray_starts(monkeypatch):
 
     import ray
 
-    from pipeline.launch import check_local_resources
+    from pipeline.train.launch import check_local_resources
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `sslpipe pretrain` (the suite's Ray may run)
 

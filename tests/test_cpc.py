@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.data.streaming import collate
-from pipeline.train import autocast_factory
+from pipeline.train.loop import autocast_factory
 from pretext.cpc import CPC
 from tests.conftest import TINY_BACKBONE, synthetic_images
 

@@ -265,8 +265,8 @@ def test_shard_size_gives_small_splits_sixteen_shards_and_caps_large_ones():
 def test_a_300_image_folder_trains_on_two_ray_workers_with_default_shards(tmp_path, ray_local):
     """The issue's case: a small folder written with the default shard size used to give one train
     shard, and `sslpipe pretrain` with the default 2 workers stopped."""
-    from pipeline.launch import pretrain
-    from pipeline.metrics import read_metrics
+    from pipeline.train.launch import pretrain
+    from pipeline.train.metrics import read_metrics
     from tests.test_train import tiny_config
 
     images, labels = synthetic_images(300, 16, 5)

@@ -383,9 +383,9 @@ def test_vit_config_takes_global_and_local_crops():
 
 def test_eval_reads_the_dino_teacher_from_the_checkpoint(shards, tmp_path):
     """DINO's results are its teacher's: the checkpoint names it, the eval stage and export load it."""
-    from pipeline.checkpoint import encoder_state, load_checkpoint
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.checkpoint import encoder_state, load_checkpoint
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
     from tests.test_train import tiny_config
 
     cfg = tiny_config(shards, tmp_path / "run", train__steps=3, train__checkpoint_every=3, task__name="dino",

@@ -1,4 +1,4 @@
-"""Elastic training and preemption notices (pipeline/preemption.py, scaling.num_workers=[min, max]):
+"""Elastic training and preemption notices (pipeline/train/preemption.py, scaling.num_workers=[min, max]):
 bad ranges refused before Ray, SIGTERM turned into a checkpoint at the step reached (one process and
 under Ray Train), and a run on a `ray.cluster_utils.Cluster` that shrinks when a node is removed
 and grows back when one joins, with the same global batch throughout."""
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Config
-from pipeline.metrics import plot_metrics, read_metrics, resizes
-from pipeline.preemption import Preempted
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.metrics import plot_metrics, read_metrics, resizes
+from pipeline.train.preemption import Preempted
 from tests.conftest import TINY_BACKBONE, write_synthetic_shards
 from tests.test_faults import logged_steps, pretrain_in_thread, train_worker_pids
 from tests.test_train import tiny_config
@@ -66,8 +66,7 @@ def test_cli_takes_min_colon_max():
 def test_embedded_ray_must_hold_the_maximum_and_a_cluster_the_minimum(monkeypatch):
     import ray
 
-    from pipeline import launch
-
+    from pipeline.train import launch
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `sslpipe pretrain` (the suite's Ray may run)
     cpus = os.cpu_count()
     too_many = Config.load(None, [f"scaling.num_workers=[1, {cpus + 1}]", f"train.global_batch_size={2 * 27720}"])
@@ -95,8 +94,8 @@ def test_sigterm_in_one_process_checkpoints_the_step_reached_and_resume_finishes
     """`--local` runs: SIGTERM (a spot reclaim, `kill`, SLURM's preemption) arrives during step 13 of
     60; the loop finishes that step, writes its checkpoint (the interval is 30) and stops with
     Preempted; a resume continues from step 13 with nothing redone."""
-    import pipeline.preemption as preemption
-    from pipeline.launch import pretrain_local
+    import pipeline.train.preemption as preemption
+    from pipeline.train.launch import pretrain_local
     from pretext.base import PretextTask
 
     real_set_progress = PretextTask.set_progress
@@ -121,7 +120,7 @@ def test_sigterm_in_one_process_checkpoints_the_step_reached_and_resume_finishes
         # Not training any more: SIGTERM is the process's previous handler's again (here a no-op).
         seen = []
         signal.signal(signal.SIGTERM, lambda *a: seen.append("previous"))
-        from pipeline.preemption import install_sigterm_handler
+        from pipeline.train.preemption import install_sigterm_handler
 
         assert install_sigterm_handler()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -169,8 +168,8 @@ os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
 import ray
 from ray.cluster_utils import Cluster
 from pipeline.config import Config
-from pipeline.launch import pretrain
-from pipeline.metrics import read_metrics
+from pipeline.train.launch import pretrain
+from pipeline.train.metrics import read_metrics
 
 cfg = Config.from_dict(json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})

@@ -29,8 +29,8 @@ from pipeline.data.shards import (
     write_split,
 )
 from pipeline.data.streaming import collate
-from pipeline.examples import EXAMPLES, first_samples, seeded, write_examples
-from pipeline.train import build_task
+from pipeline.train.examples import EXAMPLES, first_samples, seeded, write_examples
+from pipeline.train.loop import build_task
 from pretext import TASKS
 from pretext.colorization import lab_to_rgb, rgb_to_lab
 from tests import test_colorization
@@ -280,7 +280,7 @@ def test_multitask_draws_each_subtask_with_its_name():
 
 
 def test_pretrain_start_writes_examples_once(shards, tmp_path):
-    from pipeline.launch import start_run
+    from pipeline.train.launch import start_run
 
     cfg = task_config(shards, "rotation", tmp_path / "run")
     run_dir = start_run(cfg, None)

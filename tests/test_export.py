@@ -8,9 +8,9 @@ import timm
 import torch
 
 from eval.export import export_backbone, export_features
-from pipeline.checkpoint import encoder_state, load_checkpoint
-from pipeline.session import LocalSession
-from pipeline.train import train_worker
+from pipeline.train.checkpoint import encoder_state, load_checkpoint
+from pipeline.train.loop import train_worker
+from pipeline.train.session import LocalSession
 from tests.conftest import TINY_BACKBONE
 from tests.test_train import tiny_config
 

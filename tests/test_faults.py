@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.metrics import read_metrics
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.metrics import read_metrics
 from tests.test_train import tiny_config
 
 
@@ -35,7 +35,7 @@ def train_worker_pids() -> list[int]:
 def pretrain_in_thread(cfg, until_step: int, timeout_s: float = 180) -> tuple[threading.Thread, dict]:
     """Starts `pretrain(cfg)` in a thread and returns (thread, outcome) once the run has logged
     `until_step` (or `timeout_s` passed); outcome gets "run_dir" or "error" when it ends."""
-    from pipeline.launch import pretrain
+    from pipeline.train.launch import pretrain
 
     outcome: dict = {}
 
@@ -194,10 +194,10 @@ def test_a_failed_checkpoint_write_stops_the_run_naming_path_and_cause_and_keeps
 
     import torch
 
-    from pipeline import checkpoint as checkpoint_module
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train import checkpoint as checkpoint_module
+    from pipeline.train.loop import train_worker
+    from pipeline.train.session import LocalSession
 
     real_save, calls = torch.save, []
 
@@ -219,8 +219,8 @@ def test_a_failed_checkpoint_write_stops_the_run_naming_path_and_cause_and_keeps
 def test_a_manifest_listing_a_missing_shard_fails_before_ray_starts(shards, tmp_path, monkeypatch):
     import shutil
 
-    from pipeline import launch
     from pipeline.data.bad_samples import ShardError
+    from pipeline.train import launch
 
     data = tmp_path / "data"
     shutil.copytree(shards, data)

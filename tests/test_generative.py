@@ -13,9 +13,9 @@ from PIL import Image
 from core.grids import save_grid, slerp
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
-from pipeline.checkpoint import load_checkpoint
-from pipeline.session import LocalSession
-from pipeline.train import autocast_factory, train_worker
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.loop import autocast_factory, train_worker
+from pipeline.train.session import LocalSession
 from pretext import create_task
 from pretext.likelihoods import (
     discretized_gaussian_log_likelihood,
@@ -391,7 +391,7 @@ def test_every_player_stays_identical_across_ddp_workers(tmp_path, name, loss):
 def test_wgan_gp_under_ray_two_workers_resumes_both_optimizers(shards, tmp_path, ray_local):
     """The real launch path: two Ray Train workers, each player in its own DDP wrapper, the
     gradient penalty's double backward through DDP, then a resume from the Ray checkpoint."""
-    from pipeline.launch import pretrain
+    from pipeline.train.launch import pretrain
 
     cfg = gan_config(shards, tmp_path / "run", steps=4)
     cfg.scaling.num_workers = 2

@@ -8,8 +8,8 @@ import torch
 
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
-from pipeline.checkpoint import encoder_state
-from pipeline.train import autocast_factory
+from pipeline.train.checkpoint import encoder_state
+from pipeline.train.loop import autocast_factory
 from pretext.mae import (
     MAE,
     MASK_COLOUR,

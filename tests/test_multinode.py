@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import find_checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.metrics import read_metrics
+from pipeline.train.checkpoint import find_checkpoint, load_checkpoint
+from pipeline.train.metrics import read_metrics
 from tests.conftest import TINY_BACKBONE, write_synthetic_shards
 
 pytestmark = pytest.mark.ray
@@ -25,7 +25,7 @@ CLUSTER_JOB = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import Config
-    from pipeline.launch import pretrain
+    from pipeline.train.launch import pretrain
 
     # The head schedules only (0 CPUs, like cluster.yaml's head); each worker node has 1 CPU, so the
     # two training workers cannot share a node.

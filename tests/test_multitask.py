@@ -7,7 +7,7 @@ import torch
 from core.errors import ConfigError
 from core.options import OptimConfig
 from pipeline.config import Config
-from pipeline.train import autocast_factory
+from pipeline.train.loop import autocast_factory
 from tests.test_tasks import fixed_batch, make_task
 
 

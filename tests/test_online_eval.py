@@ -12,9 +12,9 @@ from core.knn import knn_accuracy
 from eval.evaluate import checkpoint_decoder, load_pretrained
 from eval.features import extract_features
 from pipeline.data.shards import read_manifest, split_urls
-from pipeline.metrics import plot_metrics, read_metrics
-from pipeline.session import LocalSession
-from pipeline.train import train_worker
+from pipeline.train.loop import train_worker
+from pipeline.train.metrics import plot_metrics, read_metrics
+from pipeline.train.session import LocalSession
 from tests.test_train import tiny_config
 
 

@@ -21,7 +21,7 @@ from eval.html_report import build_report
 from eval.report import write_results
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.metrics import MetricsLog, plot_metrics
+from pipeline.train.metrics import MetricsLog, plot_metrics
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
 TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]  # matplotlib's first three class colours

@@ -1,4 +1,4 @@
-"""Run directories on object storage (pipeline/run_storage.py) against a real S3-compatible server
+"""Run directories on object storage (pipeline/train/run_storage.py) against a real S3-compatible server
 (moto) on loopback: checkpoints, metrics and eval results go to s3://, and every reader (resume,
 eval, report, the newest-readable fallback) works from the URL."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.checkpoint import (
+from pipeline.train.checkpoint import (
     CHECKPOINT_FILE,
     load_valid_checkpoint,
     write_local_checkpoint,
@@ -65,7 +65,7 @@ def fake_state(step: int) -> dict:
 
 
 def test_push_pull_and_the_newest_readable_checkpoint_from_a_url(s3, tmp_path):
-    from pipeline.run_storage import (
+    from pipeline.train.run_storage import (
         fetch_run,
         local_run_dir,
         mirror_dir,
@@ -97,7 +97,7 @@ def test_push_pull_and_the_newest_readable_checkpoint_from_a_url(s3, tmp_path):
     assert load_valid_checkpoint(f"{url}/checkpoints/step_00000010")[1]["step"] == 10  # one checkpoint by its URL
     fetched = fetch_run(url)
     assert (fetched / "metrics.jsonl").read_text() == '{"step": 10}\n' and (fetched / "eval" / "results.json").is_file()
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.train.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"no checkpoint under s3://ssl-runs/unit/nothing-here"):
         load_valid_checkpoint(f"s3://{BUCKET}/unit/nothing-here")
@@ -105,7 +105,7 @@ def test_push_pull_and_the_newest_readable_checkpoint_from_a_url(s3, tmp_path):
 
 def test_local_runs_refuse_a_url_run_dir(shards, s3):
     from core.errors import ConfigError
-    from pipeline.launch import pretrain_local
+    from pipeline.train.launch import pretrain_local
     from tests.test_train import tiny_config
 
     with pytest.raises(ConfigError, match=r"`--local` runs write checkpoints to a local folder"):
@@ -124,8 +124,9 @@ def test_a_ray_run_on_s3_is_killed_resumed_and_evaluated_from_the_bucket(shards,
             "--model.backbone_kwargs={channels: [8, 16, 32, 64]}", "--data.shuffle_buffer=64", "--optim.name=adamw",
             "--optim.lr=0.01", "--optim.weight_decay=0.0", "--train.global_batch_size=32", "--train.log_every=5",
             "--train.checkpoint_every=10", "--num-workers=2", "--train.steps=100000"]
-    mirror = None
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp_path)
+    log_path = tmp_path.with_name(tmp_path.name + "-pretrain.log")  # beside the run's cwd, which must stay empty
+    log = open(log_path, "w")  # shown when the bucket stays empty
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tmp_path)
     deadline = time.time() + 240
     try:
         while time.time() < deadline:  # rank 0 uploads metrics.jsonl at every checkpoint
@@ -139,8 +140,10 @@ def test_a_ray_run_on_s3_is_killed_resumed_and_evaluated_from_the_bucket(shards,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     time.sleep(5)
+    log.close()
     listed = keys(s3, "runs/rot1/")
-    assert {"config.yaml", "examples.png", "metrics.jsonl", "workers/rank_0.json", "workers/rank_1.json"} <= set(listed)
+    assert {"config.yaml", "examples.png", "metrics.jsonl", "workers/rank_0.json", "workers/rank_1.json"} <= set(listed), \
+        log_path.read_text()[-3000:]
     checkpoints = sorted({k.split("/")[1] for k in listed if k.startswith("ray-") and k.endswith(CHECKPOINT_FILE)})
     assert checkpoints, listed  # Ray Train uploaded them: ray-<launch>/checkpoint_<time>/checkpoint.pt
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from pipeline.train.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from tests.gloo import run_gloo
 
 

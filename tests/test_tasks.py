@@ -8,7 +8,7 @@ from core.errors import ConfigError
 from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.data.streaming import collate
-from pipeline.train import autocast_factory
+from pipeline.train.loop import autocast_factory
 from pretext import TASKS, check_task_options, create_task
 from pretext.rotation import Rotation, rotate
 from tests.conftest import TINY_BACKBONE, synthetic_images

@@ -21,9 +21,9 @@ from pipeline.data.decode import decoder_for
 from pipeline.data.frames import GroupFrames
 from pipeline.data.shards import read_manifest, split_urls
 from pipeline.data.streaming import collate, first_decoded, train_loader
-from pipeline.metrics import read_metrics
-from pipeline.session import LocalSession
-from pipeline.train import autocast_factory, build_task, train_worker
+from pipeline.train.loop import autocast_factory, build_task, train_worker
+from pipeline.train.metrics import read_metrics
+from pipeline.train.session import LocalSession
 from pretext import create_task
 from pretext.odd_one_out import odd_orders, sum_of_differences
 from pretext.temporal_order import NEGATIVES, POSITIVE

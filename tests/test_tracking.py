@@ -12,10 +12,10 @@ import pytest
 
 from core.errors import ConfigError
 from pipeline.config import Config, absolute_store_uri
-from pipeline.metrics import read_metrics
-from pipeline.session import LocalSession
-from pipeline.tracking import MLFLOW_RUN_FILE, scalars
-from pipeline.train import train_worker
+from pipeline.train.loop import train_worker
+from pipeline.train.metrics import read_metrics
+from pipeline.train.session import LocalSession
+from pipeline.train.tracking import MLFLOW_RUN_FILE, scalars
 from tests.test_train import tiny_config
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.metrics import read_metrics
-from pipeline.session import LocalSession
-from pipeline.train import train_worker
+from pipeline.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from pipeline.train.loop import train_worker
+from pipeline.train.metrics import read_metrics
+from pipeline.train.session import LocalSession
 from tests.conftest import TINY_BACKBONE
 
 
@@ -89,7 +89,7 @@ def test_crash_resume_keeps_the_learning_rate_of_an_uninterrupted_run(shards, tm
     train_worker(crashed, LocalSession(crashed.run_dir, device="cpu"))
     # What a crash at step 20 of a 40-step run leaves: rewrite the checkpoint's config as the 40-step run's.
     resumed = tiny_config(shards, tmp_path / "crashed", train__steps=40, train__log_every=5, train__checkpoint_every=40)
-    from pipeline.checkpoint import write_local_checkpoint
+    from pipeline.train.checkpoint import write_local_checkpoint
 
     state = load_checkpoint(crashed.run_dir)
     state["config"]["train"]["steps"], state["schedule"] = 40, {"start": 0, "steps": 40}
@@ -141,7 +141,7 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
 
 def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
     from core.errors import ConfigError
-    from pipeline.launch import check_data
+    from pipeline.train.launch import check_data
 
     cfg = tiny_config(shards, tmp_path / "run", scaling__num_workers=8, train__global_batch_size=32)
     with pytest.raises(ConfigError, match=r"6 shard\(s\) for scaling.num_workers=8"):
@@ -155,7 +155,7 @@ def test_fewer_shards_than_workers_fails_before_ray(shards, tmp_path):
 ])
 def test_impossible_task_for_the_data_fails_before_ray(shards, tmp_path, task, options, message):
     from core.errors import ConfigError
-    from pipeline.launch import check_data
+    from pipeline.train.launch import check_data
 
     cfg = tiny_config(shards, tmp_path / "run", task__name=task)
     cfg.task.options = options
@@ -175,7 +175,7 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
 @pytest.mark.ray
 def test_ray_two_workers_lower_loss_checkpoint_then_resume_and_eval(shards, tmp_path, ray_local):
     from eval.evaluate import evaluate
-    from pipeline.launch import pretrain
+    from pipeline.train.launch import pretrain
 
     cfg = tiny_config(shards, tmp_path / "ray-run", scaling__num_workers=2, train__steps=60)
     run_dir = pretrain(cfg)

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.tracking import Tracker
+from pipeline.train.tracking import Tracker
 
 
 class MetricsLog:
-    """metrics.jsonl and metrics.csv, and every row on to `trackers` (TensorBoard, MLflow: pipeline/tracking.py)."""
+    """metrics.jsonl and metrics.csv, and every row on to `trackers` (TensorBoard, MLflow: pipeline/train/tracking.py)."""
 
     def __init__(self, run_dir: Path, trackers: Sequence[Tracker] = ()):
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def checkpoint_dirs(url: str) -> list[tuple[int, str, str]]:
 def download_checkpoints(url: str) -> list[Path]:
     """The checkpoint folders under `url`, downloaded into the mirror of the run they belong to,
     newest first (their files are `checkpoint_files`' answer for a URL)."""
-    from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError
+    from pipeline.train.checkpoint import CHECKPOINT_FILE, CheckpointError
 
     found = checkpoint_dirs(url)
     if not found:

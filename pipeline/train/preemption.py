@@ -100,11 +100,11 @@ class PreemptionMonitor:
 
 
 class RayTrainLoop:
-    """Ray Train's per-worker entry point (`pipeline.train.train_loop_per_worker`). Unpickling it
+    """Ray Train's per-worker entry point (`pipeline.train.loop.train_loop_per_worker`). Unpickling it
     installs the SIGTERM handler: Ray does that on the worker actor's main thread."""
 
     def __call__(self, config: dict) -> None:
-        from pipeline.train import train_loop_per_worker
+        from pipeline.train.loop import train_loop_per_worker
 
         train_loop_per_worker(config)
 

@@ -1,6 +1,6 @@
 """Where a training loop runs: under Ray Train (`RaySession`) or in one plain process (`LocalSession`).
 
-The loop in `pipeline/train.py` talks only to this interface, so the same code trains on a Ray
+The loop in `pipeline/train/loop.py` talks only to this interface, so the same code trains on a Ray
 cluster and in a single process (GPU benchmarks, debugging) without Ray installed.
 """
 from __future__ import annotations
@@ -11,8 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import (CheckpointError, checkpoint_files, checkpoint_step, load_checkpoint, read_checkpoint,
-                                 write_checkpoint, write_local_checkpoint)
+from pipeline.train.checkpoint import (
+    CheckpointError,
+    checkpoint_files,
+    checkpoint_step,
+    load_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+    write_local_checkpoint,
+)
 
 
 class LocalSession:

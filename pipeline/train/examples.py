@@ -59,7 +59,7 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
-    from pipeline.train import build_task
+    from pipeline.train.loop import build_task
 
     with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too
         samples = first_samples(cfg, count)
@@ -67,7 +67,7 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
             manifest = read_manifest(cfg.data.root)
             task = build_task(cfg, manifest, decoder_for(manifest, cfg.data.train_split, cfg.data.image_size))
         if checkpoint is not None:
-            from pipeline.checkpoint import CheckpointError, load_valid_checkpoint
+            from pipeline.train.checkpoint import CheckpointError, load_valid_checkpoint
 
             file, state = load_valid_checkpoint(checkpoint)
             try:

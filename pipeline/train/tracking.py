@@ -35,7 +35,7 @@ class Tracker:
 def open_trackers(cfg: Config, start_step: int = 0) -> list[Tracker]:
     """The trackers `cfg.tracking` asks for (rank 0 only). `start_step` is the step training
     resumes after: rows a crashed attempt logged beyond it are hidden in TensorBoard."""
-    from pipeline.run_storage import local_run_dir
+    from pipeline.train.run_storage import local_run_dir
 
     run_dir = local_run_dir(cfg.run_dir)
     trackers: list[Tracker] = []
@@ -105,7 +105,7 @@ class MLflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
-        from pipeline.run_storage import local_run_dir
+        from pipeline.train.run_storage import local_run_dir
 
         self.run_dir = local_run_dir(cfg.run_dir)
         self.client = MlflowClient(tracking_uri=uri)

@@ -15,20 +15,20 @@ import torch
 
 from core.errors import ConfigError
 from models.backbone import create_backbone
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import decoder_for
 from pipeline.data.shards import read_manifest, split_urls
 from pipeline.data.storage import check_urls
 from pipeline.data.streaming import train_loader
-from pipeline.metrics import MetricsLog, memory_mb
-from pipeline.online_eval import OnlineKNN
-from pipeline.preemption import Preempted, PreemptionMonitor, training
-from pipeline.run_storage import local_run_dir, pull, push
-from pipeline.schedules import warmup_cosine
-from pipeline.sync_batchnorm import convert_sync_batchnorm
-from pipeline.tracking import open_trackers
+from pipeline.train.checkpoint import CheckpointError
+from pipeline.train.metrics import MetricsLog, memory_mb
+from pipeline.train.online_eval import OnlineKNN
+from pipeline.train.preemption import Preempted, PreemptionMonitor, training
+from pipeline.train.run_storage import local_run_dir, pull, push
+from pipeline.train.schedules import warmup_cosine
+from pipeline.train.sync_batchnorm import convert_sync_batchnorm
+from pipeline.train.tracking import open_trackers
 from pretext import create_task, task_class
 from pretext.base import ImageOnly
 
@@ -39,7 +39,7 @@ RUN_LOGS = ["metrics.jsonl", "metrics.csv", "samples", "tensorboard", "mlflow_ru
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: runs in every worker process."""
-    from pipeline.session import RaySession
+    from pipeline.train.session import RaySession
 
     cfg = Config.from_dict(config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,7 +136,7 @@ def span_schedule(curve, span: dict):
 
 def train_worker(cfg: Config, session) -> dict:
     """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
-    run_dir = local_run_dir(cfg.run_dir)  # a URL run's local mirror (pipeline/run_storage.py)
+    run_dir = local_run_dir(cfg.run_dir)  # a URL run's local mirror (pipeline/train/run_storage.py)
     # Python's random drives some tasks' transforms (rotation, jigsaw, context): loader worker
     # processes get it seeded by torch's DataLoader; with data.loader_workers=0 they run here.
     torch.manual_seed(cfg.train.seed + session.rank)
@@ -223,7 +223,7 @@ def train_worker(cfg: Config, session) -> dict:
     metrics: dict = {}
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    with training():  # SIGTERM from here on: a checkpoint at the next step boundary (pipeline/preemption.py)
+    with training():  # SIGTERM from here on: a checkpoint at the next step boundary (pipeline/train/preemption.py)
         for step in range(start + 1, total + 1):
             batch = to_device(next(batches), device, channels_last)
             if batch_augment is not None:

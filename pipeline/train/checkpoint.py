@@ -69,9 +69,9 @@ def checkpoint_step(directory: Path) -> int:
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Checkpoint files for a checkpoint file, a checkpoint directory or a run directory (local,
-    or a URL: pipeline/run_storage.py), newest (highest step, then latest written) first."""
+    or a URL: pipeline/train/run_storage.py), newest (highest step, then latest written) first."""
     if is_url(path):  # a run or checkpoint on object storage: downloaded into its local mirror
-        from pipeline.run_storage import download_checkpoints
+        from pipeline.train.run_storage import download_checkpoints
 
         files = [d / CHECKPOINT_FILE for d in download_checkpoints(str(path))]
         return [f for f in files if f.is_file()] or files[:1]

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 from core.errors import ConfigError
-from pipeline.checkpoint import load_valid_checkpoint
 from pipeline.config import Config
 from pipeline.data.storage import display_url, is_url
-from pipeline.examples import write_run_examples
-from pipeline.metrics import plot_metrics
-from pipeline.run_storage import (
+from pipeline.train.checkpoint import load_valid_checkpoint
+from pipeline.train.examples import write_run_examples
+from pipeline.train.metrics import plot_metrics
+from pipeline.train.run_storage import (
     fetch_run,
     local_run_dir,
     pull,
@@ -25,7 +25,7 @@ log = logging.getLogger("sslpipe.launch")
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Fixes cfg.run_dir (absolute, so Ray workers on any node agree, or a URL: pipeline/run_storage.py)
+    """Fixes cfg.run_dir (absolute, so Ray workers on any node agree, or a URL: pipeline/train/run_storage.py)
     and writes the resolved config; returns the local folder this process writes the run's files in."""
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -73,7 +73,7 @@ def check_data(cfg: Config):
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
     # Building the task once here surfaces impossible combinations (colorization on grayscale data,
     # a jigsaw grid larger than the image) before any Ray worker starts.
-    from pipeline.train import build_task
+    from pipeline.train.loop import build_task
 
     task = build_task(cfg, manifest, decoder)
     if len(urls) < cfg.scaling.max_workers:
@@ -145,9 +145,9 @@ def start_run(cfg: Config, resume: str | Path | None) -> Path:
 
 def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     """The same training loop in this one process, without Ray (checkpoints in RUN_DIR/checkpoints)."""
-    from pipeline.preemption import install_sigterm_handler
-    from pipeline.session import LocalSession
-    from pipeline.train import train_worker
+    from pipeline.train.loop import train_worker
+    from pipeline.train.preemption import install_sigterm_handler
+    from pipeline.train.session import LocalSession
 
     if is_url(cfg.run_dir):
         raise ConfigError(f"run_dir={display_url(cfg.run_dir)}: `--local` runs write checkpoints to a local folder; give a local "
@@ -169,7 +169,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path | str:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.preemption import RayTrainLoop
+    from pipeline.train.preemption import RayTrainLoop
 
     run_dir = start_run(cfg, resume)
     check_local_resources(cfg)
@@ -179,7 +179,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path | str:
     # Ray's folder (checkpoint_* directories) lives inside our run directory, on a URL uploaded by Ray.
     storage_path, storage_filesystem = ray_storage(cfg.run_dir) if is_url(cfg.run_dir) else (str(run_dir), None)
     trainer = TorchTrainer(
-        RayTrainLoop(),  # pipeline.train.train_loop_per_worker, with a SIGTERM handler in each worker
+        RayTrainLoop(),  # pipeline.train.loop.train_loop_per_worker, with a SIGTERM handler in each worker
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers, use_gpu=s.use_gpu,
