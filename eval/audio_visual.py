@@ -12,7 +12,7 @@ from eval.features import Features, extract_features
 from eval.retrieval import ranks_from_scores
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import ImageDecoder, decoder_for
-from pretext.audio import clip_code
+from models.audio import clip_code
 
 log = logging.getLogger("sslpipe.eval")
 
@@ -50,7 +50,7 @@ def evaluate_audio_visual(task, cfg, splits: dict, manifest: dict, image_test: F
     rows, features = {}, {}
     features["pretrained_audio"] = audio_features(task.audio_feature_extractor(), splits, decoder, cfg, device, manifest, "audio")
     if "random_init" in cfg.eval.baselines:
-        from pretext.audio import create_audio_encoder
+        from models.audio import create_audio_encoder
 
         torch.manual_seed(cfg.train.seed)
         random_audio = create_audio_encoder(**task.audio_feature_extractor().options())

@@ -64,7 +64,7 @@ def export_audio_network(task, out_dir: Path, metadata: dict) -> Path:
     (out_dir / "audio_network.json").write_text(json.dumps({
         "model_name": network.name, "create_model_kwargs": {"pretrained": True, "num_classes": 0, "in_chans": 1, **network.backbone_kwargs},
         "pretrained_cfg_overlay": {"file": str(file.resolve())}, "log_mel": network.frontend.describe(),
-        "rebuild": "pretext.audio.create_audio_encoder(**options) then load the weights into .backbone", "options": network.options(),
+        "rebuild": "models.audio.create_audio_encoder(**options) then load the weights into .backbone", "options": network.options(),
     }, indent=2))
     return file
 

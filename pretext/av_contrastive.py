@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.grids import Panel
-from pretext.audio import (
+from models.audio import (
     AudioVisualPair,
     AudioVisualTask,
     create_audio_encoder,

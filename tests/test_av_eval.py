@@ -57,7 +57,7 @@ def test_audio_visual_run_is_evaluated_on_both_modalities_with_retrieval(av_data
     import torch
 
     from eval.export import export_backbone, export_features
-    from pretext.audio import LogMel
+    from models.audio import LogMel
 
     out = tmp_path / "export"
     counts = export_features(cfg.run_dir, out, splits=["test"], device="cpu")

@@ -23,7 +23,7 @@ from pipeline.data.decode import ImageDecoder
 from pipeline.data.streaming import collate
 from pipeline.train.loop import autocast_factory, build_task
 from pretext import create_task
-from pretext.audio import (
+from models.audio import (
     AudioVisualPair,
     LogMel,
     clip_code,
