@@ -29,7 +29,7 @@ def augmentation_rates(cfg: Config, count: int = 512) -> dict[str, float]:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import first_decoded
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
@@ -57,7 +57,8 @@ def loader_rate(cfg: Config, batches: int = 20) -> float:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import train_loader
-    from pipeline.train.loop import build_task, split_augmentation
+    from pipeline.train.loop import split_augmentation
+    from pipeline.train.tasks import build_task
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)

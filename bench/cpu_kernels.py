@@ -42,7 +42,7 @@ def build_step(config: str, channels_last: bool, compiled: bool):
     from pipeline.config import Config
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     cfg = Config.load(config, [])
     torch.manual_seed(cfg.train.seed)

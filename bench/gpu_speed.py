@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.train.launch import pretrain_local
-    from pipeline.train.loop import build_task
     from pipeline.train.metrics import read_metrics
+    from pipeline.train.tasks import build_task
 
     device = torch.device(args.device)
     if device.type == "cuda":

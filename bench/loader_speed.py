@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.ingest import write_fashion_mnist
     from pipeline.data.shards import MANIFEST, read_manifest, split_urls
     from pipeline.data.streaming import collate, train_loader
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     if not (Path(args.data) / MANIFEST).is_file():
         write_fashion_mnist(args.data)

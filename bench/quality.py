@@ -75,7 +75,8 @@ def step_seconds(cfg: Config, repeats: int = 5) -> float:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
     from pipeline.data.streaming import collate
-    from pipeline.train.loop import autocast_factory, build_task
+    from pipeline.train.loop import autocast_factory
+    from pipeline.train.tasks import build_task
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)

@@ -39,7 +39,7 @@ def bare_loop_rate(cfg: Config, batch_size: int, steps: int, warmup: int = 5) ->
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import train_loader
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.root)

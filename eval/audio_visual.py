@@ -8,11 +8,11 @@ import logging
 
 import torch
 
+from core.clips import clip_code
 from eval.features import Features, extract_features
 from eval.retrieval import ranks_from_scores
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import ImageDecoder, decoder_for
-from models.audio import clip_code
 
 log = logging.getLogger("sslpipe.eval")
 

@@ -16,7 +16,7 @@ from eval.baseline_cache import baseline_key, entry_path, load_row, store_row
 from eval.clustering import cluster_scores
 from eval.embedding import plot_embedding
 from eval.features import Features, extract_features
-from eval.generative import generate, load_task, needs_task, test_log_likelihood
+from eval.generative import generate, test_log_likelihood
 from eval.linear_probe import linear_probe
 from eval.low_shot import k_shot_svm, low_shot_probe
 from eval.per_layer import PooledStages, plot_per_layer
@@ -34,6 +34,7 @@ from pipeline.train.checkpoint import (
     load_valid_checkpoint,
 )
 from pipeline.train.run_storage import local_run_dir, push
+from pipeline.train.tasks import rebuild_task
 from pipeline.train.tracking import log_eval
 
 log = logging.getLogger("sslpipe.eval")
@@ -58,9 +59,9 @@ def load_pretrained(path: str | Path, data_root: str | None = None) -> tuple[Con
 def scored_model(cfg: Config, backbone: nn.Module, state: dict):
     """The network eval scores and, for tasks that need it, the whole rebuilt task (generative
     objectives: likelihood, samples, features other than the pooled backbone's); else (backbone, None)."""
-    if not needs_task(cfg.task.name):
+    task = rebuild_task(state, cfg)
+    if task is None:
         return backbone, None
-    task = load_task(state, cfg)
     return task.feature_extractor(), task
 
 

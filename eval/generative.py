@@ -4,6 +4,7 @@ Frechet distance between generated and real images in a feature space of the cal
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -12,34 +13,25 @@ from tqdm import tqdm
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import ImageDecoder
 from pipeline.data.streaming import eval_loader
-from pretext import TASKS, PretextTask
 
 
-def needs_task(task_name: str) -> bool:
-    """Whether eval must rebuild the task (not just its backbone): it scores other features than
-    the pooled backbone's, defines a likelihood or samples, or has an audio side (AV tasks)."""
-    cls = TASKS.get(task_name)
-    return cls is not None and (cls.feature_extractor is not PretextTask.feature_extractor or cls.likelihood_kind is not None
-                                or hasattr(cls, "sample") or "audio" in getattr(cls, "modalities", ()))
+class GenerativeTask(Protocol):
+    """What this module uses of a generative pretext task (the VAE, PixelCNN, the GANs); the eval
+    stage gets one from `pipeline.train.tasks.rebuild_task` and never imports `pretext`."""
 
+    likelihood_kind: str | None  # "exact", "elbo" or None
 
-def load_task(state: dict, cfg) -> PretextTask:
-    """The checkpoint's whole task (backbone, heads, decoder or generator) with its weights."""
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.loop import build_task
+    def log_likelihood(self, images: Tensor) -> Tensor: ...
 
-    info = state["manifest"]
-    decoder = ImageDecoder(info["mode"], info["image_size"], info["mean"], info["std"])
-    task = build_task(cfg, {"channels": info["channels"]}, decoder)
-    try:
-        task.load_state_dict(state["task"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint at step {state['step']} does not fit task {cfg.task.name!r}: {err}") from err
-    return task.eval()
+    def sample(self, count: int, generator: torch.Generator | None = None) -> Tensor: ...
+
+    def eval(self) -> "GenerativeTask": ...
+
+    def to(self, device) -> "GenerativeTask": ...
 
 
 @torch.no_grad()
-def test_log_likelihood(task: PretextTask, urls: list[str], decoder: ImageDecoder, batch_size: int, device: str,
+def test_log_likelihood(task: GenerativeTask, urls: list[str], decoder: ImageDecoder, batch_size: int, device: str,
                         total: int | None = None, bad_samples: BadSamples | None = None) -> dict:
     """Mean log p(x) (or its ELBO) over every image of a split, in nats per image and bits/dim."""
     task.eval().to(device)
@@ -61,7 +53,7 @@ def test_log_likelihood(task: PretextTask, urls: list[str], decoder: ImageDecode
 
 
 @torch.no_grad()
-def generate(task: PretextTask, count: int, batch_size: int = 256, seed: int = 0) -> Tensor:
+def generate(task: GenerativeTask, count: int, batch_size: int = 256, seed: int = 0) -> Tensor:
     """`count` samples of the task's model in the decoder's normalized space (CPU tensor)."""
     generator = torch.Generator().manual_seed(seed)
     chunks = []

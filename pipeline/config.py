@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import types
 import typing
@@ -327,6 +328,13 @@ def _coerce(tp, value, key: str):
     return value
 
 
+def require_mlflow() -> None:
+    """MLflow is an extra: a run that logs to it must find it installed."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("tracking.mlflow_uri is set but MLflow is not installed; "
+                          "pip install 'sslpipe[mlflow]' (or pip install mlflow-skinny), or set tracking.mlflow_uri=''")
+
+
 def validate(cfg: Config, check_task: bool = True) -> None:
     """Checks values that types alone cannot, so bad runs fail before Ray starts."""
     positive = {
@@ -392,10 +400,6 @@ def validate(cfg: Config, check_task: bool = True) -> None:
     if cfg.tracking.mlflow_uri:
         if not cfg.tracking.mlflow_experiment:
             raise ConfigError("tracking.mlflow_experiment must name an experiment when tracking.mlflow_uri is set")
-        from pipeline.train.tracking import (
-            require_mlflow,  # here: only runs that log to MLflow need it
-        )
-
         require_mlflow()  # on the driver, before Ray starts, not in the rank-0 worker after minutes
     if not check_task:
         return

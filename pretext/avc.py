@@ -13,12 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.grids import Panel
-from models.audio import (
-    AudioVisualPair,
-    AudioVisualTask,
-    create_audio_encoder,
-    spectrogram_picture,
-)
+from models.audio import create_audio_encoder
+from pretext.audio import AudioVisualPair, AudioVisualTask, spectrogram_picture
 from pretext.heads import MLPHead
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from core.grids import Panel, mosaic
 from pretext.base import PretextTask
 from pretext.heads import MLPHead
-from pretext.temporal import clip_frames, embed_frames, frame_groups, random_flip
+from pretext.temporal import clip_frames, embed_frames, random_flip
 
 FRAMES = 5  # consecutive frames of one clip each training sample holds
 FUSIONS = ("sum_of_differences", "concat")
@@ -116,7 +116,7 @@ class OddOneOut(PretextTask):
         network gets them (unflipped; square, so a tuple's panel stays as large as a frame), captioned with its frame numbers (0..4 in time order); the odd one's caption
         says it is the target."""
         examples = []
-        for group in frame_groups(samples, FRAMES):
+        for group in samples:  # frame groups, as the loader makes them
             picks, odd = self.transform.indices()
             frames = clip_frames(group, FRAMES, "odd_one_out")
             panels = []

@@ -3,7 +3,6 @@ through one shared encoder and projector; a predictor on each side matches the o
 projection, whose gradient is stopped. No negatives, no momentum encoder."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

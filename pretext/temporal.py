@@ -1,16 +1,15 @@
 """Shared parts of the temporal tasks (`temporal_order`, `odd_one_out`): reading a sample's frame
-group and regrouping decoded frames for the example figures.
+group, flips and frame embeddings.
 
-Both tasks declare `frames_per_sample`; the training loader then groups that many consecutive frames
-of one clip into {"frames": (T, C, H, W) in time order, "time", "video", "label", "key"}
-(`pipeline.data.GroupFrames`), and their transforms build tuples from "frames".
+Both tasks declare `frames_per_sample`; the training loader, and the examples figure, then group
+that many consecutive frames of one clip into {"frames": (T, C, H, W) in time order, "time",
+"video", "label", "key"} (`pipeline.data.frames.GroupFrames`), and their transforms build tuples
+from "frames".
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-from pipeline.data.frames import GroupFrames
 
 
 def clip_frames(sample: dict, count: int, task: str) -> Tensor:
@@ -21,14 +20,6 @@ def clip_frames(sample: dict, count: int, task: str) -> Tensor:
         raise ValueError(f"task {task!r} needs samples grouped into {count} frames of one clip (\"frames\": ({count}, C, H, W), "
                          f"from the loader's frames_per_sample={count} on video shards); got {found}")
     return frames
-
-
-def frame_groups(samples: list[dict], count: int) -> list[dict]:
-    """Decoded samples (already grouped, or single frames in shard order, as the example figures get
-    them) as frame groups, the way the training loader groups them."""
-    if samples and "frames" in samples[0]:
-        return samples
-    return list(GroupFrames(count)(iter(samples)))
 
 
 def random_flip(frames: Tensor) -> Tensor:

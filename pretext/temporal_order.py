@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from core.grids import Panel
 from pretext.base import PretextTask
 from pretext.heads import MLPHead
-from pretext.temporal import clip_frames, embed_frames, frame_groups, random_flip
+from pretext.temporal import clip_frames, embed_frames, random_flip
 
 FRAMES = 5  # a, b, c, d, e
 POSITIVE = (1, 2, 3)  # (b, c, d)
@@ -85,7 +85,7 @@ class TemporalOrder(PretextTask):
         (unflipped), captioned with their
         letters (a..e in time order) and the target ("1 in order" / "0 shuffled")."""
         examples = []
-        for group in frame_groups(samples, FRAMES):
+        for group in samples:  # frame groups, as the loader makes them
             order, target = self.transform.order()
             frames = clip_frames(group, FRAMES, "temporal_order")[list(order)]
             verdict = "1 in order" if target else "0 shuffled"

@@ -14,24 +14,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.clips import clip_code
 from core.errors import ConfigError
 from core.grids import CELL
 from core.options import ModelConfig, OptimConfig
-from models.backbone import create_backbone
-from pipeline.config import Config
-from pipeline.data.decode import ImageDecoder
-from pipeline.data.streaming import collate
-from pipeline.train.loop import autocast_factory, build_task
-from pretext import create_task
 from models.audio import (
-    AudioVisualPair,
     LogMel,
-    clip_code,
     create_audio_encoder,
     hz_to_mel,
     mel_filterbank,
     mel_to_hz,
 )
+from models.backbone import create_backbone
+from pipeline.config import Config
+from pipeline.data.decode import ImageDecoder
+from pipeline.data.streaming import collate
+from pipeline.train.loop import autocast_factory
+from pipeline.train.tasks import build_task
+from pretext import create_task
+from pretext.audio import AudioVisualPair
 from pretext.av_contrastive import AVContrastive
 from pretext.avc import AVC, correspondence_pairs
 from pretext.losses import info_nce

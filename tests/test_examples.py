@@ -29,8 +29,8 @@ from pipeline.data.shards import (
     write_split,
 )
 from pipeline.data.streaming import collate
-from pipeline.train.examples import EXAMPLES, first_samples, seeded, write_examples
-from pipeline.train.loop import build_task
+from pipeline.train.examples import EXAMPLES, as_loaded, first_samples, seeded, write_examples
+from pipeline.train.tasks import build_task
 from pretext import TASKS
 from pretext.colorization import lab_to_rgb, rgb_to_lab
 from tests import test_colorization
@@ -135,7 +135,7 @@ def test_every_task_writes_an_examples_png_of_its_panels(name, shards, rgb_shard
         samples = first_samples(cfg, COUNT)
         manifest = read_manifest(cfg.data.root)
         task = build_task(cfg, manifest, decoder_for(manifest, cfg.data.train_split, cfg.data.image_size))
-        lines = layout(task.example_panels(samples), 8)
+        lines = layout(task.example_panels(as_loaded(samples, task)), 8)
     scale, cell_w, cell_h = panel_geometry(lines)
     columns = max(map(len, lines))
     if name in GRID:

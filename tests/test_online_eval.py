@@ -1,11 +1,9 @@
 """Online kNN during pretraining: logged on schedule, equal to the eval stage's kNN on the same subset."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.errors import ConfigError
 from core.knn import knn_accuracy

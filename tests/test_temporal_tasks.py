@@ -21,9 +21,10 @@ from pipeline.data.decode import decoder_for
 from pipeline.data.frames import GroupFrames
 from pipeline.data.shards import read_manifest, split_urls
 from pipeline.data.streaming import collate, first_decoded, train_loader
-from pipeline.train.loop import autocast_factory, build_task, train_worker
+from pipeline.train.loop import autocast_factory, train_worker
 from pipeline.train.metrics import read_metrics
 from pipeline.train.session import LocalSession
+from pipeline.train.tasks import build_task
 from pretext import create_task
 from pretext.odd_one_out import odd_orders, sum_of_differences
 from pretext.temporal_order import NEGATIVES, POSITIVE
@@ -255,12 +256,12 @@ def test_train_worker_trains_on_video_shards(name, video_shards, tmp_path):
 
 @pytest.mark.parametrize("name", TEMPORAL_TASKS)
 def test_examples_show_the_tuple_frames_with_the_target(name, video_shards):
-    """The example figure gets single decoded frames in shard order; the task groups them as the
-    loader does and draws the frames it picked, the target in the captions."""
+    """The example figure gets decoded frames in shard order, grouped as the loader groups them
+    (pipeline.train.examples); the task draws the frames it picked, the target in the captions."""
     _, samples = decoded_frames(video_shards)
     task = make_temporal_task(name, num_tuples=3) if name == "odd_one_out" else make_temporal_task(name)
     torch.manual_seed(1)
-    examples = task.example_panels(samples[:10])  # the first two clips: two groups
+    examples = task.example_panels(list(GroupFrames(5)(iter(samples[:10]))))  # the first two clips: two groups
     assert len(examples) == 2
     group = GroupFrames(5)(iter(samples[:5])).__next__()
     if name == "temporal_order":

@@ -53,19 +53,29 @@ def seeded(seed: int):
             random.setstate(state)
 
 
+def as_loaded(samples: list[dict], task) -> list[dict]:
+    """Decoded samples as the training loader hands them to `task`: frame groups of one clip for
+    the tasks that declare `frames_per_sample` (the temporal tasks), else as they are."""
+    from pipeline.data.frames import GroupFrames
+
+    frames = getattr(task, "frames_per_sample", 0)
+    return list(GroupFrames(frames)(iter(samples))) if frames else samples
+
+
 def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, checkpoint: str | Path | None = None) -> Path | None:
     """Draws `count` training samples through the configured task into the PNG `path`. `task`: one
     already built for this config (else a fresh one is built); `checkpoint`: a run directory or
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too
         samples = first_samples(cfg, count)
         if task is None:
             manifest = read_manifest(cfg.data.root)
             task = build_task(cfg, manifest, decoder_for(manifest, cfg.data.train_split, cfg.data.image_size))
+        samples = as_loaded(samples, task)
         if checkpoint is not None:
             from pipeline.train.checkpoint import CheckpointError, load_valid_checkpoint
 

@@ -73,7 +73,7 @@ def check_data(cfg: Config):
     decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
     # Building the task once here surfaces impossible combinations (colorization on grayscale data,
     # a jigsaw grid larger than the image) before any Ray worker starts.
-    from pipeline.train.loop import build_task
+    from pipeline.train.tasks import build_task
 
     task = build_task(cfg, manifest, decoder)
     if len(urls) < cfg.scaling.max_workers:

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from core.errors import ConfigError
-from models.backbone import create_backbone
 from pipeline.config import Config
 from pipeline.data.bad_samples import BadSamples
 from pipeline.data.decode import decoder_for
@@ -28,8 +27,8 @@ from pipeline.train.preemption import Preempted, PreemptionMonitor, training
 from pipeline.train.run_storage import local_run_dir, pull, push
 from pipeline.train.schedules import warmup_cosine
 from pipeline.train.sync_batchnorm import convert_sync_batchnorm
+from pipeline.train.tasks import build_task
 from pipeline.train.tracking import open_trackers
-from pretext import create_task, task_class
 from pretext.base import ImageOnly
 
 log = logging.getLogger("sslpipe.train")
@@ -83,18 +82,6 @@ def autocast_factory(device: torch.device, enabled: bool):
     return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), scaler
 
 
-def build_task(cfg: Config, manifest: dict, decoder):
-    """The configured task on a fresh backbone; option errors raise ConfigError naming task.options."""
-    channels = manifest["channels"]
-    try:
-        encoder = create_backbone(cfg.model, task_class(cfg.task.name).encoder_in_chans(channels))
-        return create_task(cfg.task.name, encoder=encoder, in_chans=channels, image_size=decoder.image_size,
-                           data_mean=decoder.mean.flatten().tolist(), data_std=decoder.std.flatten().tolist(), **cfg.task.options)
-    except ConfigError:
-        raise  # already names the option
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"task {cfg.task.name!r} with options {cfg.task.options} on {channels}-channel "
-                          f"{decoder.image_size}px data: {err}") from err
 
 
 def split_augmentation(cfg: Config, task):

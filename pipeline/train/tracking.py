@@ -5,15 +5,13 @@ Rank 0 writes every metrics row through `Tracker.log_metrics` (called by `Metric
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from core.errors import ConfigError
-from pipeline.config import Config
+from pipeline.config import Config, require_mlflow
 
 log = logging.getLogger("sslpipe.tracking")
 
@@ -70,12 +68,6 @@ class TensorBoardTracker(Tracker):
 
     def close(self) -> None:
         self.writer.close()
-
-
-def require_mlflow() -> None:
-    if importlib.util.find_spec("mlflow") is None:
-        raise ConfigError("tracking.mlflow_uri is set but MLflow is not installed; "
-                          "pip install 'sslpipe[mlflow]' (or pip install mlflow-skinny), or set tracking.mlflow_uri=''")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
