@@ -233,14 +233,14 @@ def subset_baselines(data_root: str) -> dict[str, float]:
     """Online kNN's horizontal lines: raw pixels and the shared random-init backbone on the online subset."""
     from core.knn import knn_accuracy
     from models.backbone import create_backbone
-    from pipeline.data.decode import decoder_for
-    from pipeline.data.shards import read_manifest
+    from pipeline.data.dataset import Dataset
     from pipeline.train.online_eval import OnlineKNN
 
     cfg = Config.load(BASE_CONFIG, [f"--data.root={data_root}"])
-    manifest = read_manifest(data_root)
-    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
-    online = OnlineKNN(cfg, manifest, {"mode": manifest["mode"], "image_size": decoder.image_size,
+    dataset = Dataset.open(data_root, cfg.data.allow_shell_urls)
+    manifest = dataset.manifest
+    decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
+    online = OnlineKNN(cfg, dataset, {"mode": manifest["mode"], "image_size": decoder.image_size,
                                        "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
     pixels = knn_accuracy(online.bank_images.flatten(1), online.bank_labels, online.query_images.flatten(1), online.query_labels,
                           online.k, online.temperature)

@@ -31,13 +31,13 @@ log = logging.getLogger("sslpipe.bench")
 def pixel_knn(cfg: Config) -> float:
     """kNN top-1 of raw pixels on the online subset, the line every variant must beat."""
     from core.knn import knn_accuracy
-    from pipeline.data.decode import decoder_for
-    from pipeline.data.shards import read_manifest
+    from pipeline.data.dataset import Dataset
     from pipeline.train.online_eval import OnlineKNN
 
-    manifest = read_manifest(cfg.data.root)
-    decoder = decoder_for(manifest, cfg.data.train_split, 0)
-    online = OnlineKNN(cfg, manifest, {"mode": manifest["mode"], "image_size": decoder.image_size,
+    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    manifest = dataset.manifest
+    decoder = dataset.decoder(cfg.data.train_split, 0)
+    online = OnlineKNN(cfg, dataset, {"mode": manifest["mode"], "image_size": decoder.image_size,
                                        "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
     return knn_accuracy(online.bank_images.flatten(1), online.bank_labels, online.query_images.flatten(1), online.query_labels,
                         online.k, online.temperature)

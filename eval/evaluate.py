@@ -25,9 +25,8 @@ from eval.report import write_results
 from models.backbone import create_backbone
 from pipeline.config import Config, reset_security_switches
 from pipeline.data.bad_samples import BadSamples
+from pipeline.data.dataset import Dataset
 from pipeline.data.decode import ImageDecoder
-from pipeline.data.shards import read_manifest, split_urls
-from pipeline.data.storage import check_urls
 from pipeline.train.checkpoint import (
     CheckpointError,
     encoder_state,
@@ -154,9 +153,10 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         setattr(cfg.data, key, value)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, task = scored_model(cfg, pretrained, state)
-    manifest = read_manifest(cfg.data.root)
-    decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size, num_classes=len(manifest.get("classes") or []))
-    splits = {s: check_urls(split_urls(cfg.data.root, manifest, s), cfg.data.allow_shell_urls) for s in (cfg.data.train_split, cfg.data.test_split)}
+    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    manifest = dataset.manifest
+    decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size, num_classes=len(dataset.classes))
+    splits = {s: dataset.urls(s) for s in (cfg.data.train_split, cfg.data.test_split)}
 
     models: dict[str, nn.Module | None] = {"pretrained": pretrained}  # scored first: its read decides whether cached rows apply
     if "raw_pixels" in cfg.eval.baselines:

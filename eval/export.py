@@ -18,8 +18,7 @@ from eval.embedding import plot_embedding
 from eval.evaluate import checkpoint_decoder, load_pretrained, scored_model
 from eval.features import extract_features
 from pipeline.data.bad_samples import BadSamples
-from pipeline.data.shards import read_manifest, split_urls
-from pipeline.data.storage import check_urls
+from pipeline.data.dataset import Dataset
 
 
 def export_backbone(path: str | Path, out_dir: str | Path) -> Path:
@@ -78,14 +77,15 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
         setattr(cfg.data, key, value)
     model, task = scored_model(cfg, backbone, state)  # what `sslpipe eval` scores (the VAE may score its posterior mean)
-    manifest = read_manifest(cfg.data.root)
+    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    manifest = dataset.manifest
     decoder = checkpoint_decoder(state, require_label=False, image_size=cfg.eval.image_size)  # as `sslpipe eval` scores them
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in splits or list(manifest["splits"]):
-        urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
+        urls = dataset.urls(split)
         features = extract_features(model, urls, decoder, cfg.eval.batch_size, cfg.eval.loader_workers, device,
                                     desc=f"export {split}", total=manifest["splits"][split]["count"],
                                     bad_samples=BadSamples.for_config(cfg.data))

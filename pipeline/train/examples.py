@@ -11,27 +11,25 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
+from pipeline.data.dataset import Dataset
 
 log = logging.getLogger("sslpipe.examples")
 
 EXAMPLES = "examples.png"
 
 
-def first_samples(cfg: Config, count: int) -> list[dict]:
+def first_samples(cfg: Config, count: int, dataset: Dataset | None = None) -> list[dict]:
     """The first `count` good samples of the training split, in shard order, decoded as the training
     loader decodes them: {"image": normalized (C, H, W), "label", "key"} (+ "audio", "video", "time"
     for audio-visual data)."""
     from pipeline.data.bad_samples import BadSamples, ShardError
-    from pipeline.data.decode import decoder_for
-    from pipeline.data.shards import read_manifest, split_urls
-    from pipeline.data.storage import check_urls
     from pipeline.data.streaming import first_decoded
 
     if count < 1:
         raise ValueError(f"count={count}: draw at least one example")
-    manifest = read_manifest(cfg.data.root)
-    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
-    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    urls = dataset.urls(cfg.data.train_split)
+    decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
     # Shards in order, once, in this process: the same samples every time.
     samples = first_decoded(urls, decoder, count, BadSamples.for_config(cfg.data))
     if not samples:
@@ -62,19 +60,18 @@ def as_loaded(samples: list[dict], task) -> list[dict]:
     return list(GroupFrames(frames)(iter(samples))) if frames else samples
 
 
-def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, checkpoint: str | Path | None = None) -> Path | None:
+def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, checkpoint: str | Path | None = None,
+                   dataset: Dataset | None = None) -> Path | None:
     """Draws `count` training samples through the configured task into the PNG `path`. `task`: one
     already built for this config (else a fresh one is built); `checkpoint`: a run directory or
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
-    from pipeline.data.decode import decoder_for
-    from pipeline.data.shards import read_manifest
     from pipeline.train.tasks import build_task
 
+    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
     with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too
-        samples = first_samples(cfg, count)
+        samples = first_samples(cfg, count, dataset)
         if task is None:
-            manifest = read_manifest(cfg.data.root)
-            task = build_task(cfg, manifest, decoder_for(manifest, cfg.data.train_split, cfg.data.image_size))
+            task = build_task(cfg, dataset.manifest, dataset.decoder(cfg.data.train_split, cfg.data.image_size))
         samples = as_loaded(samples, task)
         if checkpoint is not None:
             from pipeline.train.checkpoint import CheckpointError, load_valid_checkpoint
@@ -87,13 +84,13 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
         return task.write_examples(samples, Path(path))
 
 
-def write_run_examples(cfg: Config, run_dir: Path, task) -> Path | None:
+def write_run_examples(cfg: Config, run_dir: Path, task, dataset: Dataset | None = None) -> Path | None:
     """<run_dir>/examples.png, drawn on the driver before training; a resumed run keeps the one it
     started with."""
     path = Path(run_dir) / EXAMPLES
     if path.exists():
         return path
-    written = write_examples(cfg, path, task=task)
+    written = write_examples(cfg, path, task=task, dataset=dataset)
     if written:
         log.info("examples of what task %s learns from: %s", cfg.task.name, written)
     return written

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from pipeline.config import Config
+from pipeline.data.dataset import Dataset
 from pipeline.data.storage import display_url, is_url
 from pipeline.train.checkpoint import load_valid_checkpoint
 from pipeline.train.examples import write_run_examples
@@ -61,21 +62,17 @@ def check_local_resources(cfg: Config) -> None:
         )
 
 
-def check_data(cfg: Config):
+def check_data(cfg: Config, dataset: Dataset | None = None):
     """Every Ray worker needs its own training shards; a shortfall would only show inside the workers.
     Returns the task it built (on the driver: the examples are drawn with it)."""
-    from pipeline.data.decode import decoder_for
-    from pipeline.data.shards import read_manifest, split_urls
-    from pipeline.data.storage import check_urls
-
-    manifest = read_manifest(cfg.data.root)
-    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
-    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    urls = dataset.urls(cfg.data.train_split)
+    decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
     # Building the task once here surfaces impossible combinations (colorization on grayscale data,
     # a jigsaw grid larger than the image) before any Ray worker starts.
     from pipeline.train.tasks import build_task
 
-    task = build_task(cfg, manifest, decoder)
+    task = build_task(cfg, dataset.manifest, decoder)
     if len(urls) < cfg.scaling.max_workers:
         raise ConfigError(
             f"split {cfg.data.train_split!r} of {cfg.data.root} has {len(urls)} shard(s) for scaling.num_workers={cfg.scaling.num_workers}: "
@@ -125,10 +122,10 @@ def init_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), logging_level=logging.WARNING)
 
 
-def start_run(cfg: Config, resume: str | Path | None) -> Path:
+def start_run(cfg: Config, resume: str | Path | None) -> tuple[Path, Dataset]:
     """Resolves the checkpoint to resume from (on the driver, so every worker starts from exactly
-    that one), fixes and writes the run directory, checks the data before any training starts and
-    draws <run_dir>/examples.png."""
+    that one), fixes and writes the run directory, opens the dataset and checks it before any
+    training starts, and draws <run_dir>/examples.png. Returns the run directory and the dataset."""
     if resume:
         # The newest readable checkpoint: a corrupted newest one is named and the previous one used.
         # One on object storage is passed on by its URL, which workers on any node can read.
@@ -138,9 +135,10 @@ def start_run(cfg: Config, resume: str | Path | None) -> Path:
             fetch_run(cfg.run_dir)  # the run's examples and metrics so far, into this machine's mirror
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s%s", display_url(cfg.run_dir), f" (local mirror {run_dir})" if is_url(cfg.run_dir) else "")
-    write_run_examples(cfg, run_dir, check_data(cfg))
+    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    write_run_examples(cfg, run_dir, check_data(cfg, dataset), dataset)
     push(cfg.run_dir, ["examples.png"])
-    return run_dir
+    return run_dir, dataset
 
 
 def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
@@ -152,9 +150,9 @@ def pretrain_local(cfg: Config, resume: str | Path | None = None) -> Path:
     if is_url(cfg.run_dir):
         raise ConfigError(f"run_dir={display_url(cfg.run_dir)}: `--local` runs write checkpoints to a local folder; give a local "
                           f"run_dir (object storage is for Ray runs, whose checkpoints Ray Train uploads)")
-    run_dir = start_run(cfg, resume)
+    run_dir, dataset = start_run(cfg, resume)
     install_sigterm_handler()  # SIGTERM: a checkpoint at the next step, then Preempted (when called from the main thread)
-    train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints))
+    train_worker(cfg, LocalSession(run_dir, device="cuda" if cfg.scaling.use_gpu else "cpu", keep=cfg.train.keep_checkpoints), dataset)
     plot_metrics(run_dir)
     return run_dir
 
@@ -171,7 +169,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None) -> Path | str:
 
     from pipeline.train.preemption import RayTrainLoop
 
-    run_dir = start_run(cfg, resume)
+    run_dir, _ = start_run(cfg, resume)  # each Ray worker opens the dataset in its own process
     check_local_resources(cfg)
     init_ray(cfg)
     check_cluster_resources(cfg)

@@ -16,9 +16,7 @@ import torch
 from core.errors import ConfigError
 from pipeline.config import Config
 from pipeline.data.bad_samples import BadSamples
-from pipeline.data.decode import decoder_for
-from pipeline.data.shards import read_manifest, split_urls
-from pipeline.data.storage import check_urls
+from pipeline.data.dataset import Dataset
 from pipeline.data.streaming import train_loader
 from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.metrics import MetricsLog, memory_mb
@@ -121,17 +119,19 @@ def span_schedule(curve, span: dict):
     return multiplier
 
 
-def train_worker(cfg: Config, session) -> dict:
-    """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the last metrics."""
+def train_worker(cfg: Config, session, dataset: Dataset | None = None) -> dict:
+    """Trains `cfg.train.steps` steps (resuming from the session's latest checkpoint); returns the
+    last metrics. `dataset`: the driver's, when it runs in this process (`--local`); else opened here."""
     run_dir = local_run_dir(cfg.run_dir)  # a URL run's local mirror (pipeline/train/run_storage.py)
     # Python's random drives some tasks' transforms (rotation, jigsaw, context): loader worker
     # processes get it seeded by torch's DataLoader; with data.loader_workers=0 they run here.
     torch.manual_seed(cfg.train.seed + session.rank)
     random.seed(cfg.train.seed * 1000 + session.rank)
     device = session.device
-    manifest = read_manifest(cfg.data.root)
-    urls = check_urls(split_urls(cfg.data.root, manifest, cfg.data.train_split), cfg.data.allow_shell_urls)
-    decoder = decoder_for(manifest, cfg.data.train_split, cfg.data.image_size)
+    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    manifest = dataset.manifest
+    urls = dataset.urls(cfg.data.train_split)
+    decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
 
     task = build_task(cfg, manifest, decoder)
     if cfg.train.sync_batchnorm and session.world_size > 1:
@@ -199,7 +199,7 @@ def train_worker(cfg: Config, session) -> dict:
     # How eval must decode for this backbone (the task may feed it other channels than the data's).
     encoder_input = task.encoder_input({"channels": manifest["channels"], "mode": manifest["mode"], "image_size": decoder.image_size,
                                         "mean": decoder.mean.flatten().tolist(), "std": decoder.std.flatten().tolist()})
-    online_knn = OnlineKNN(cfg, manifest, encoder_input) if cfg.eval.online_every and session.rank == 0 else None
+    online_knn = OnlineKNN(cfg, dataset, encoder_input) if cfg.eval.online_every and session.rank == 0 else None
     if session.rank == 0:
         log.info("%d worker%s, %d samples each per step (global batch %d)", session.world_size, "s" if session.world_size > 1 else "",
                  batch_size, cfg.train.global_batch_size)

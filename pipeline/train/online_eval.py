@@ -17,16 +17,14 @@ from torch import Tensor, nn
 from core.knn import knn_accuracy
 from pipeline.config import Config
 from pipeline.data.bad_samples import BadSamples
+from pipeline.data.dataset import Dataset
 from pipeline.data.decode import ImageDecoder
-from pipeline.data.shards import split_urls
-from pipeline.data.storage import check_urls
 from pipeline.data.streaming import first_decoded
 
 
-def labelled_subset(cfg: Config, manifest: dict, split: str, decoder: ImageDecoder, count: int) -> tuple[Tensor, Tensor]:
+def labelled_subset(cfg: Config, dataset: Dataset, split: str, decoder: ImageDecoder, count: int) -> tuple[Tensor, Tensor]:
     """(N, C, H, W) images and (N,) labels: the first `count` samples of `split`, in shard order."""
-    urls = check_urls(split_urls(cfg.data.root, manifest, split), cfg.data.allow_shell_urls)
-    samples = first_decoded(urls, decoder, count, BadSamples.for_config(cfg.data))
+    samples = first_decoded(dataset.urls(split), decoder, count, BadSamples.for_config(cfg.data))
     return torch.stack([s["image"] for s in samples]), torch.tensor([s["label"] for s in samples])
 
 
@@ -35,16 +33,16 @@ class OnlineKNN:
 
     Args:
         cfg: the run's config (data root and split names, eval.online_*, eval.knn_k, eval.knn_temperature).
-        manifest: the dataset's manifest.
+        dataset: the opened dataset (`pipeline.data.dataset.Dataset`).
         encoder_input: how eval decodes for this backbone (the checkpoint's "manifest" entry: mode,
             image_size, mean, std).
     """
 
-    def __init__(self, cfg: Config, manifest: dict, encoder_input: dict):
+    def __init__(self, cfg: Config, dataset: Dataset, encoder_input: dict):
         decoder = ImageDecoder(encoder_input["mode"], cfg.eval.image_size or encoder_input["image_size"], encoder_input["mean"],
-                               encoder_input["std"], require_label=True, num_classes=len(manifest.get("classes") or []))
-        self.bank_images, self.bank_labels = labelled_subset(cfg, manifest, cfg.data.train_split, decoder, cfg.eval.online_bank)
-        self.query_images, self.query_labels = labelled_subset(cfg, manifest, cfg.data.test_split, decoder, cfg.eval.online_queries)
+                               encoder_input["std"], require_label=True, num_classes=len(dataset.classes))
+        self.bank_images, self.bank_labels = labelled_subset(cfg, dataset, cfg.data.train_split, decoder, cfg.eval.online_bank)
+        self.query_images, self.query_labels = labelled_subset(cfg, dataset, cfg.data.test_split, decoder, cfg.eval.online_queries)
         self.k, self.temperature, self.batch_size = cfg.eval.knn_k[0], cfg.eval.knn_temperature, cfg.eval.batch_size
 
     @torch.no_grad()
