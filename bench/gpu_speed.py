@@ -119,7 +119,7 @@ def loader_rate(cfg: Config, batches: int) -> float:
     from pipeline.data.decode import decoder_for
     from pipeline.data.shards import read_manifest, split_urls
     from pipeline.data.streaming import train_loader
-    from pretext.rotation import RotationTransform
+    from pretext.spatial.rotation import RotationTransform
 
     manifest = read_manifest(cfg.data.root)
     decoder = decoder_for(manifest, "train", cfg.data.image_size)

@@ -1,33 +1,35 @@
-"""Pretext-task registry. Adding a task: one new file in this folder and one line in TASKS."""
+"""Pretext-task registry. Adding a task: one new file in its family's folder (joint_embedding/,
+spatial/, reconstruction/, generative/, audio_video/) and one line in TASKS; shared parts (the
+task base, heads, losses, likelihoods, view augmentation, momentum encoders) sit in this folder."""
 from __future__ import annotations
 
 import inspect
 
-from pretext.av_contrastive import AVContrastive
-from pretext.avc import AVC
-from pretext.barlow_twins import BarlowTwins
+from pretext.audio_video.av_contrastive import AVContrastive
+from pretext.audio_video.avc import AVC
+from pretext.audio_video.odd_one_out import OddOneOut
+from pretext.audio_video.temporal_order import TemporalOrder
 from pretext.base import PretextTask
-from pretext.bigan import BiGAN
-from pretext.byol import BYOL
-from pretext.colorization import Colorization
-from pretext.context_encoder import ContextEncoder
-from pretext.context_prediction import ContextPrediction
-from pretext.cpc import CPC
-from pretext.denoising_autoencoder import DenoisingAutoencoder
-from pretext.dino import DINO
-from pretext.exemplar import Exemplar
-from pretext.gan import GAN
-from pretext.jigsaw import Jigsaw
-from pretext.mae import MAE
+from pretext.generative.bigan import BiGAN
+from pretext.generative.gan import GAN
+from pretext.generative.pixelcnn import PixelCNN
+from pretext.generative.vae import VAE
+from pretext.joint_embedding.barlow_twins import BarlowTwins
+from pretext.joint_embedding.byol import BYOL
+from pretext.joint_embedding.dino import DINO
+from pretext.joint_embedding.exemplar import Exemplar
+from pretext.joint_embedding.simsiam import SimSiam
+from pretext.joint_embedding.swav import SwAV
+from pretext.joint_embedding.vicreg import VICReg
 from pretext.multitask import MultiTask
-from pretext.odd_one_out import OddOneOut
-from pretext.pixelcnn import PixelCNN
-from pretext.rotation import Rotation
-from pretext.simsiam import SimSiam
-from pretext.swav import SwAV
-from pretext.temporal_order import TemporalOrder
-from pretext.vae import VAE
-from pretext.vicreg import VICReg
+from pretext.reconstruction.colorization import Colorization
+from pretext.reconstruction.context_encoder import ContextEncoder
+from pretext.reconstruction.denoising_autoencoder import DenoisingAutoencoder
+from pretext.reconstruction.mae import MAE
+from pretext.spatial.context_prediction import ContextPrediction
+from pretext.spatial.cpc import CPC
+from pretext.spatial.jigsaw import Jigsaw
+from pretext.spatial.rotation import Rotation
 
 TASKS: dict[str, type[PretextTask]] = {
     "rotation": Rotation,

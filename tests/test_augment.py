@@ -143,7 +143,7 @@ def test_fresh_device_views_of_a_fixed_batch_are_learnable(name):
 
 
 def test_the_loop_feeds_device_views_to_the_task(shards, tmp_path, monkeypatch):
-    from pretext.exemplar import Exemplar
+    from pretext.joint_embedding.exemplar import Exemplar
 
     seen = []
     original = Exemplar.train_step

@@ -32,9 +32,9 @@ from pipeline.data.streaming import collate
 from pipeline.train.loop import autocast_factory
 from pipeline.train.tasks import build_task
 from pretext import create_task
-from pretext.audio import AudioVisualPair
-from pretext.av_contrastive import AVContrastive
-from pretext.avc import AVC, correspondence_pairs
+from pretext.audio_video.audio import AudioVisualPair
+from pretext.audio_video.av_contrastive import AVContrastive
+from pretext.audio_video.avc import AVC, correspondence_pairs
 from pretext.losses import info_nce
 from tests.conftest import TINY_BACKBONE
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pretext.barlow_twins import barlow_twins_loss, cross_correlation
-from pretext.vicreg import covariance_term, vicreg_loss, vicreg_terms
+from pretext.joint_embedding.barlow_twins import barlow_twins_loss, cross_correlation
+from pretext.joint_embedding.vicreg import covariance_term, vicreg_loss, vicreg_terms
 from tests.gloo import run_gloo
 
 

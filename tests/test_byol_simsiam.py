@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from core.options import OptimConfig
 from pipeline.train.loop import autocast_factory
-from pretext.byol import byol_loss, normalized_mse
-from pretext.simsiam import output_std, simsiam_loss
+from pretext.joint_embedding.byol import byol_loss, normalized_mse
+from pretext.joint_embedding.simsiam import output_std, simsiam_loss
 from tests.test_tasks import fixed_batch, make_task
 
 lightly_loss = pytest.importorskip("lightly.loss")

@@ -17,7 +17,8 @@ from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.data.streaming import collate
 from pipeline.train.loop import autocast_factory
-from pretext.colorization import (
+from pretext.heads import feature_maps
+from pretext.reconstruction.colorization import (
     LUMA,
     Colorization,
     in_gamut_bins,
@@ -25,7 +26,6 @@ from pretext.colorization import (
     rgb_to_lab,
     soft_encode,
 )
-from pretext.heads import feature_maps
 from tests.conftest import TINY_BACKBONE
 
 SIZE = 32

@@ -12,7 +12,7 @@ from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.data.streaming import collate
 from pipeline.train.loop import autocast_factory
-from pretext.cpc import CPC
+from pretext.spatial.cpc import CPC
 from tests.conftest import TINY_BACKBONE, synthetic_images
 
 IMAGE_SIZE = 16  # default patch 8, stride 4: a 3x3 grid

@@ -27,12 +27,11 @@ def count_calls(monkeypatch, name: str) -> list[str]:
 
 
 def test_a_local_pretraining_run_reads_the_manifest_once_and_builds_one_decoder(shards, tmp_path, monkeypatch):
-    from pipeline.train.launch import pretrain_local
-    from tests.test_train import tiny_config
-
     import eval.evaluate  # noqa: F401  (every module that could read a manifest is loaded, so all are counted)
     import pipeline.train.examples  # noqa: F401
     import pipeline.train.loop  # noqa: F401
+    from pipeline.train.launch import pretrain_local
+    from tests.test_train import tiny_config
 
     cfg = tiny_config(shards, tmp_path / "run", train__steps=4, train__log_every=2, train__checkpoint_every=4,
                       eval__online_every=4, eval__online_bank=16, eval__online_queries=8)

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import default_collate as collate
 
 from core.options import OptimConfig
-from pretext.dino import DINO, dino_loss, updated_center
-from pretext.swav import SwAV, sinkhorn_knopp, swav_loss
+from pretext.joint_embedding.dino import DINO, dino_loss, updated_center
+from pretext.joint_embedding.swav import SwAV, sinkhorn_knopp, swav_loss
 from tests.gloo import run_gloo
 
 

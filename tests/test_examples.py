@@ -29,10 +29,16 @@ from pipeline.data.shards import (
     write_split,
 )
 from pipeline.data.streaming import collate
-from pipeline.train.examples import EXAMPLES, as_loaded, first_samples, seeded, write_examples
+from pipeline.train.examples import (
+    EXAMPLES,
+    as_loaded,
+    first_samples,
+    seeded,
+    write_examples,
+)
 from pipeline.train.tasks import build_task
 from pretext import TASKS
-from pretext.colorization import lab_to_rgb, rgb_to_lab
+from pretext.reconstruction.colorization import lab_to_rgb, rgb_to_lab
 from tests import test_colorization
 from tests.conftest import TINY_BACKBONE
 from tests.test_av_tasks import AV_OPTIONS
@@ -283,7 +289,7 @@ def test_pretrain_start_writes_examples_once(shards, tmp_path):
     from pipeline.train.launch import start_run
 
     cfg = task_config(shards, "rotation", tmp_path / "run")
-    run_dir = start_run(cfg, None)
+    run_dir, _ = start_run(cfg, None)
     path = run_dir / EXAMPLES
     assert read(path).shape[1] == PAD + 8 * (CELL + PAD)
     path.write_bytes(b"kept")

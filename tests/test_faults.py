@@ -194,8 +194,8 @@ def test_a_failed_checkpoint_write_stops_the_run_naming_path_and_cause_and_keeps
 
     import torch
 
-    from pipeline.train.checkpoint import CheckpointError
     from pipeline.train import checkpoint as checkpoint_module
+    from pipeline.train.checkpoint import CheckpointError
     from pipeline.train.loop import train_worker
     from pipeline.train.session import LocalSession
 

@@ -10,7 +10,7 @@ from core.options import ModelConfig, OptimConfig
 from models.backbone import create_backbone
 from pipeline.train.checkpoint import encoder_state
 from pipeline.train.loop import autocast_factory
-from pretext.mae import (
+from pretext.reconstruction.mae import (
     MAE,
     MASK_COLOUR,
     kept_count,

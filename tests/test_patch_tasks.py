@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretext.context_prediction import NEIGHBOUR_OFFSETS, ContextTransform
-from pretext.jigsaw import JigsawTransform, permutation_set
+from pretext.spatial.context_prediction import NEIGHBOUR_OFFSETS, ContextTransform
+from pretext.spatial.jigsaw import JigsawTransform, permutation_set
 from tests.test_tasks import make_task, sample_dicts
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretext.context_encoder import MaskRegion
-from pretext.denoising_autoencoder import Corrupt
 from pretext.heads import feature_maps
+from pretext.reconstruction.context_encoder import MaskRegion
+from pretext.reconstruction.denoising_autoencoder import Corrupt
 from tests.test_tasks import IMAGE_SIZE, fixed_batch, make_task
 
 

@@ -26,8 +26,8 @@ from pipeline.train.metrics import read_metrics
 from pipeline.train.session import LocalSession
 from pipeline.train.tasks import build_task
 from pretext import create_task
-from pretext.odd_one_out import odd_orders, sum_of_differences
-from pretext.temporal_order import NEGATIVES, POSITIVE
+from pretext.audio_video.odd_one_out import odd_orders, sum_of_differences
+from pretext.audio_video.temporal_order import NEGATIVES, POSITIVE
 from tests.conftest import TINY_BACKBONE
 
 SIZE = 16

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from core.grids import Panel
 from pretext.augment import MultiCrop, crop_groups, crop_panels
 from pretext.base import PretextTask
-from pretext.dino import mean_entropy, multicrop_cross_entropy
 from pretext.heads import MLPHead
+from pretext.joint_embedding.dino import mean_entropy, multicrop_cross_entropy
 from pretext.losses import all_reduce_sum
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from core.grids import interleave_rows, save_grid
 from models.timm_models import DCGANDiscriminator
-from pretext.gan import GAN
+from pretext.generative.gan import GAN
 from pretext.losses import discriminator_loss
 
 

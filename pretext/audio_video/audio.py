@@ -8,16 +8,14 @@ The loader's audio-visual decoder yields {"image": float (C, H, W) normalized, "
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.grids import CELL
-from pretext.base import PretextTask
-
 from core.clips import clip_code
+from core.grids import CELL
 from models.audio import AudioEncoder, LogMel
+from pretext.base import PretextTask
 
 
 class AudioVisualPair:

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from core.grids import Panel
+from pretext.audio_video.temporal import clip_frames, embed_frames, random_flip
 from pretext.base import PretextTask
 from pretext.heads import MLPHead
-from pretext.temporal import clip_frames, embed_frames, random_flip
 
 FRAMES = 5  # a, b, c, d, e
 POSITIVE = (1, 2, 3)  # (b, c, d)

@@ -14,7 +14,11 @@ from torch import Tensor, nn
 
 from core.grids import Panel
 from models.audio import create_audio_encoder
-from pretext.audio import AudioVisualPair, AudioVisualTask, spectrogram_picture
+from pretext.audio_video.audio import (
+    AudioVisualPair,
+    AudioVisualTask,
+    spectrogram_picture,
+)
 from pretext.heads import MLPHead
 
 

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from core.grids import Panel, mosaic
+from pretext.audio_video.temporal import clip_frames, embed_frames, random_flip
 from pretext.base import PretextTask
 from pretext.heads import MLPHead
-from pretext.temporal import clip_frames, embed_frames, random_flip
 
 FRAMES = 5  # consecutive frames of one clip each training sample holds
 FUSIONS = ("sum_of_differences", "concat")

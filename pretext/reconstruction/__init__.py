@@ -1,0 +1,1 @@
+"""Tasks that reconstruct what was removed: colorization, the context encoder (inpainting), the denoising autoencoder, MAE."""
