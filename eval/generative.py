@@ -19,7 +19,7 @@ class GenerativeTask(Protocol):
     """What this module uses of a generative pretext task (the VAE, PixelCNN, the GANs); the eval
     stage gets one from `pipeline.train.tasks.rebuild_task` and never imports `pretext`."""
 
-    likelihood_kind: str | None  # "exact", "elbo" or None
+    likelihood_kind: str | None  # "exact", "elbo", "elbo_binarized" or None (no likelihood)
 
     def log_likelihood(self, images: Tensor) -> Tensor: ...
 
