@@ -34,7 +34,7 @@ def pixel_knn(cfg: Config) -> float:
     from pipeline.data.dataset import Dataset
     from pipeline.train.online_eval import OnlineKNN
 
-    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = Dataset.for_data(cfg.data)
     manifest = dataset.manifest
     decoder = dataset.decoder(cfg.data.train_split, 0)
     online = OnlineKNN(cfg, dataset, {"mode": manifest["mode"], "image_size": decoder.image_size,

@@ -153,7 +153,7 @@ def evaluate(path: str | Path, out_dir: str | Path | None = None, data_root: str
         setattr(cfg.data, key, value)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, task = scored_model(cfg, pretrained, state)
-    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = Dataset.for_data(cfg.data)
     manifest = dataset.manifest
     decoder = checkpoint_decoder(state, require_label=True, image_size=cfg.eval.image_size, num_classes=len(dataset.classes))
     splits = {s: dataset.urls(s) for s in (cfg.data.train_split, cfg.data.test_split)}

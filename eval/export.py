@@ -77,7 +77,7 @@ def export_features(path: str | Path, out_dir: str | Path, splits: list[str] | N
     for key, value in (data_options or {}).items():  # --strict, --allow-shell-urls
         setattr(cfg.data, key, value)
     model, task = scored_model(cfg, backbone, state)  # what `sslpipe eval` scores (the VAE may score its posterior mean)
-    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = Dataset.for_data(cfg.data)
     manifest = dataset.manifest
     decoder = checkpoint_decoder(state, require_label=False, image_size=cfg.eval.image_size)  # as `sslpipe eval` scores them
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,6 +23,11 @@ class Dataset:
         """Reads the manifest under `root` (a folder or a URL); raises naming the place when there is none."""
         return cls(str(root), read_manifest(root), allow_shell_urls)
 
+    @classmethod
+    def for_data(cls, data) -> "Dataset":
+        """The dataset of a config's `data` section (its `root` and `allow_shell_urls`)."""
+        return cls.open(data.root, data.allow_shell_urls)
+
     @property
     def channels(self) -> int:
         return self.manifest["channels"]

@@ -190,7 +190,7 @@ def scan_videos(path: Path, labels_file: str | Path | None = None) -> tuple[list
         raise FileNotFoundError(f"video path {str(path)!r} does not exist")
     root = path if path.is_dir() else path.parent
     if path.is_file():
-        videos, classes, labels = [(path, None)], [], {}
+        videos, classes = [(path, None)], []
     else:
         class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and any(is_video(p) for p in d.rglob("*")))
         classes = [d.name for d in class_dirs]

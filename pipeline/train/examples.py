@@ -27,7 +27,7 @@ def first_samples(cfg: Config, count: int, dataset: Dataset | None = None) -> li
 
     if count < 1:
         raise ValueError(f"count={count}: draw at least one example")
-    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = dataset or Dataset.for_data(cfg.data)
     urls = dataset.urls(cfg.data.train_split)
     decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
     # Shards in order, once, in this process: the same samples every time.
@@ -67,7 +67,7 @@ def write_examples(cfg: Config, path: str | Path, count: int = 8, task=None, che
     checkpoint whose trained task to draw (colorization then adds its predicted colours)."""
     from pipeline.train.tasks import build_task
 
-    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = dataset or Dataset.for_data(cfg.data)
     with seeded(cfg.train.seed):  # reading samples (a loader seed) and building weights draw random numbers too
         samples = first_samples(cfg, count, dataset)
         if task is None:

@@ -65,7 +65,7 @@ def check_local_resources(cfg: Config) -> None:
 def check_data(cfg: Config, dataset: Dataset | None = None):
     """Every Ray worker needs its own training shards; a shortfall would only show inside the workers.
     Returns the task it built (on the driver: the examples are drawn with it)."""
-    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = dataset or Dataset.for_data(cfg.data)
     urls = dataset.urls(cfg.data.train_split)
     decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
     # Building the task once here surfaces impossible combinations (colorization on grayscale data,
@@ -135,7 +135,7 @@ def start_run(cfg: Config, resume: str | Path | None) -> tuple[Path, Dataset]:
             fetch_run(cfg.run_dir)  # the run's examples and metrics so far, into this machine's mirror
     run_dir = prepare_run_dir(cfg)
     log.info("run directory: %s%s", display_url(cfg.run_dir), f" (local mirror {run_dir})" if is_url(cfg.run_dir) else "")
-    dataset = Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = Dataset.for_data(cfg.data)
     write_run_examples(cfg, run_dir, check_data(cfg, dataset), dataset)
     push(cfg.run_dir, ["examples.png"])
     return run_dir, dataset

@@ -128,7 +128,7 @@ def train_worker(cfg: Config, session, dataset: Dataset | None = None) -> dict:
     torch.manual_seed(cfg.train.seed + session.rank)
     random.seed(cfg.train.seed * 1000 + session.rank)
     device = session.device
-    dataset = dataset or Dataset.open(cfg.data.root, cfg.data.allow_shell_urls)
+    dataset = dataset or Dataset.for_data(cfg.data)
     manifest = dataset.manifest
     urls = dataset.urls(cfg.data.train_split)
     decoder = dataset.decoder(cfg.data.train_split, cfg.data.image_size)
